@@ -1,0 +1,26 @@
+# Two commands from a fresh clone: `make demo` (install + run the toy world end to end)
+# and `make test` (install + run the tests). Everything lives in ./.venv.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CORES ?= 2
+
+.PHONY: install demo test dryrun-paper clean
+
+$(BIN)/.installed: pyproject.toml envs/requirements.txt envs/requirements-test.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -r envs/requirements.txt -r envs/requirements-test.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
+	$(BIN)/python -c "import pandas as pd; print(pd.read_parquet('results/toy/tables/vlm_accuracy.parquet').to_string(index=False))"
+
+test: install
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -n $(CORES) tests
+
+clean:
+	rm -rf results/toy logs .snakemake

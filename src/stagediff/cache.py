@@ -1,0 +1,184 @@
+"""Per-layer activation cache in Zarr v3 (paper §4.1).
+
+Layout of ``L<layer>.zarr`` (one store per layer)::
+
+    text/acts     [n_text, d_model]   residual activations (bf16 stored as a uint16 view by default)
+    text/sample_id, text/position, text/token_id, text/split   one entry per cached token
+    image/...     the same for image tokens
+    COMPLETE      JSON marker, written last (a store without it is never read)
+
+Rows are appended in whole shards (the Zarr v3 sharding codec), so a layer's store is a handful
+of files and the single writer never rewrites a shard. Padding and BOS tokens are not cached:
+padding carries no data and BOS is an out-of-distribution massive-norm token that every SAE
+stage would have to drop anyway.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from stagediff.capture import capture_residuals
+from stagediff.data.items import SPLIT_CODES, Item
+from stagediff.io import atomic_dir
+from stagediff.models.vlm import chat_prompt, encode_batch, load_image, token_masks
+
+log = logging.getLogger(__name__)
+MODALITIES = ("text", "image")
+MARKER = "COMPLETE"
+META = {"sample_id": np.int64, "position": np.int32, "token_id": np.int32, "split": np.int8}
+
+
+def config_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
+    """bf16 has no Zarr dtype: store its bit pattern as uint16 (exact round trip)."""
+    if dtype == "bfloat16":
+        return x.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+    return x.to(getattr(torch, dtype)).cpu().numpy()
+
+
+def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(np.ascontiguousarray(a)).float()
+
+
+class _ShardedColumn:
+    """A 1-D or 2-D Zarr array grown by whole shards from an in-memory buffer."""
+
+    def __init__(self, group, name: str, width: int | None, dtype, chunk_rows: int, shard_rows: int):
+        shape, chunks, shards = (0,), (chunk_rows,), (shard_rows,)
+        if width is not None:
+            shape, chunks, shards = (0, width), (chunk_rows, width), (shard_rows, width)
+        self.array = group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
+                                        compressors=None, fill_value=0)
+        self.shard_rows, self.parts, self.n = shard_rows, [], 0
+
+    def add(self, rows: np.ndarray) -> None:
+        self.parts.append(rows)
+        self.n += len(rows)
+        if self.n >= self.shard_rows:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        data = np.concatenate(self.parts) if self.parts else None
+        self.parts, self.n = [], 0
+        if data is None:
+            return
+        whole = len(data) if final else len(data) - len(data) % self.shard_rows
+        if whole:
+            self.array.append(data[:whole], axis=0)
+        if whole < len(data):
+            self.parts, self.n = [data[whole:]], len(data) - whole
+
+    def close(self) -> None:
+        self._flush(final=True)
+
+
+class LayerStoreWriter:
+    def __init__(self, path: Path, d_model: int, cfg: dict, attrs: dict):
+        self.path, self.cfg = path, cfg
+        self.group = zarr.open_group(path, mode="w", zarr_format=3)
+        self.group.attrs.update(attrs)
+        chunk, shard = cfg["chunk_rows"], cfg["chunk_rows"] * cfg["chunks_per_shard"]
+        storage = "uint16" if cfg["dtype"] == "bfloat16" else cfg["dtype"]
+        self.cols = {}
+        for m in MODALITIES:
+            sub = self.group.create_group(m)
+            self.cols[m] = {"acts": _ShardedColumn(sub, "acts", d_model, storage, chunk, shard)}
+            for name, dt in META.items():
+                self.cols[m][name] = _ShardedColumn(sub, name, None, dt, chunk, shard)
+
+    def add(self, modality: str, acts: np.ndarray, meta: dict[str, np.ndarray]) -> None:
+        self.cols[modality]["acts"].add(acts)
+        for name, col in meta.items():
+            self.cols[modality][name].add(col.astype(META[name]))
+
+    def close(self, summary: dict) -> None:
+        for cols in self.cols.values():
+            for c in cols.values():
+                c.close()
+        (self.path / MARKER).write_text(json.dumps(summary, sort_keys=True))
+
+
+def iter_batches(processor, items: list[Item], batch_size: int, pad_to_square: bool = False):
+    """Encoded prompt batches (question only, generation prompt appended; right padding)."""
+    for i in range(0, len(items), batch_size):
+        part = items[i : i + batch_size]
+        b = encode_batch(processor, [load_image(it.image_path, pad_to_square) for it in part],
+                         [chat_prompt(processor, it.user_text) for it in part])
+        yield part, b
+
+
+def cache_activations(model, processor, items: list[Item], layers: list[int], outputs: dict[int, Path],
+                      cfg: dict, attrs: dict, device: torch.device) -> None:
+    """Run the model once per batch and write every owned layer's store (atomically)."""
+    d_model = model.config.text_config.hidden_size
+    with contextlib.ExitStack() as stack:  # all layer stores appear together, or none does
+        tmps = {L: stack.enter_context(atomic_dir(p)) for L, p in outputs.items()}
+        writers = {L: LayerStoreWriter(tmps[L], d_model, cfg, {**attrs, "layer": L}) for L in layers}
+        counts = {m: 0 for m in MODALITIES}
+        t0, done = time.time(), 0
+        n_batches = (len(items) + cfg["batch_size"] - 1) // cfg["batch_size"]
+        for bi, (part, b) in enumerate(iter_batches(processor, items, cfg["batch_size"], cfg["pad_to_square"])):
+            image_mask, text_mask = token_masks(b, model)
+            b = {k: v.to(device) for k, v in b.items()}
+            b["pixel_values"] = b["pixel_values"].to(model.dtype)
+            acts = capture_residuals(model, b, layers)
+            sample_ids = torch.tensor([it.sample_id for it in part])
+            splits = torch.tensor([SPLIT_CODES[it.split] for it in part])
+            pos = torch.arange(b["input_ids"].shape[1]).expand_as(image_mask)
+            for m, mask in (("text", text_mask), ("image", image_mask)):
+                rows, cols = mask.nonzero(as_tuple=True)
+                meta = {"sample_id": sample_ids[rows].numpy(), "position": pos[rows, cols].numpy(),
+                        "token_id": b["input_ids"].cpu()[rows, cols].numpy(), "split": splits[rows].numpy()}
+                for L in layers:
+                    x = acts[L].cpu()[rows, cols]
+                    _check_finite(x, meta["sample_id"], L)
+                    writers[L].add(m, to_storage(x, cfg["dtype"]), meta)
+                counts[m] += len(rows)
+            done += len(part)
+            if bi % max(1, n_batches // 10) == 0 or bi == n_batches - 1:
+                dt = time.time() - t0
+                log.info("cache: %d/%d samples, %.0f tokens/s, ETA %.0fs", done, len(items),
+                         (counts["text"] + counts["image"]) / max(dt, 1e-9), dt / done * (len(items) - done))
+        for L, w in writers.items():
+            w.close({"n_text": counts["text"], "n_image": counts["image"], "n_samples": len(items)})
+
+
+def _check_finite(x: torch.Tensor, sample_ids: np.ndarray, layer: int) -> None:
+    bad = ~torch.isfinite(x).all(dim=-1)
+    if bad.any():
+        sid = int(sample_ids[bad.nonzero()[0, 0].item()])
+        raise FloatingPointError(f"non-finite activation at layer {layer}, sample_id {sid}")
+
+
+class ActivationStore:
+    """Read one finished layer store. Refuses a store without the completion marker."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / MARKER).is_file():
+            raise RuntimeError(f"{self.path}: activation cache is incomplete (no {MARKER} marker); rerun the cache")
+        self.group = zarr.open_group(self.path, mode="r")
+        self.attrs = dict(self.group.attrs)
+        self.summary = json.loads((self.path / MARKER).read_text())
+
+    def n_tokens(self, modality: str) -> int:
+        return self.group[modality]["acts"].shape[0]
+
+    def acts(self, modality: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return from_storage(self.group[modality]["acts"][start:stop], self.attrs["dtype"])
+
+    def meta(self, modality: str, name: str) -> np.ndarray:
+        return self.group[modality][name][:]

@@ -1,0 +1,52 @@
+"""Capture residual streams of several decoder blocks in one forward pass, then stop.
+
+The residual at layer L is the output of decoder block L (HF ``hidden_states[L + 1]`` for every
+block but the last, whose ``hidden_states`` entry has the final norm applied; hooks avoid that
+trap). The forward is aborted right after the deepest requested block, so caching layers
+0..L costs one partial forward, never one forward per layer.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from stagediff.models.vlm import decoder_layers
+
+
+class _StopForward(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def residual_hooks(model, layers: list[int], stop_after_deepest: bool = True):
+    """Yield a dict filled with ``{layer: block output}`` by the next forward through ``model``."""
+    blocks = decoder_layers(model)
+    deepest = max(layers)
+    captured: dict[int, torch.Tensor] = {}
+
+    def hook_for(layer: int):
+        def hook(_module, _args, output):
+            captured[layer] = (output[0] if isinstance(output, tuple) else output).detach()
+            if stop_after_deepest and layer == deepest:
+                raise _StopForward
+
+        return hook
+
+    handles = [blocks[layer].register_forward_hook(hook_for(layer)) for layer in sorted(set(layers))]
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def capture_residuals(model, batch: dict, layers: list[int]) -> dict[int, torch.Tensor]:
+    """One (partial) forward; returns ``{layer: [batch, seq, d_model]}``."""
+    with residual_hooks(model, layers) as captured:
+        try:
+            model(**batch, use_cache=False)
+        except _StopForward:
+            pass
+    return captured

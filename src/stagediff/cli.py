@@ -1,0 +1,149 @@
+"""``stagediff <stage>``: one subcommand per workflow stage.
+
+Rules call these with ``--params`` holding exactly the settings the job depends on (JSON, or
+``@file.json``), so Snakemake reruns a job only when its own settings change. Each command
+writes its outputs atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("stagediff")
+
+
+def _params(text: str) -> dict:
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text()
+    return json.loads(text)
+
+
+def cmd_check_config(a) -> None:
+    from stagediff import config
+
+    cfg = config.load(a.config)
+    print(f"{a.config}: ok ({len(cfg['layers'])} layers, world {'toy' if 'toy' in cfg else 'paper'})")
+
+
+def cmd_toy_data(a) -> None:
+    from stagediff.data.toy_world import generate_toy_world
+
+    p = _params(a.params)
+    generate_toy_world(a.out, p["data"], p["seed"])
+
+
+def cmd_toy_base_lm(a) -> None:
+    from stagediff.models.toy_lm import train_base_lm
+
+    p = _params(a.params)
+    train_base_lm(Path(a.data) / "corpus.txt", a.out, p["base_lm"], p["seed"])
+
+
+def cmd_toy_base_sae(a) -> None:
+    from stagediff.sae.train_base import train_base_sae
+
+    p = _params(a.params)
+    train_base_sae(a.base_lm, Path(a.data) / "corpus.txt", a.layer, a.out, p["base_sae"], p["seed"])
+
+
+def cmd_toy_vlm(a) -> None:
+    from stagediff.models.toy_vlm import train_toy_vlm
+
+    p = _params(a.params)
+    train_toy_vlm(a.base_lm, p["data"], p["prompts"], p["question_splits"], a.out, p["vlm"],
+                  p["image_size"], p["seed"])
+
+
+def cmd_vlm_accuracy(a) -> None:
+    from stagediff.data.items import vqa_items, vsr_items
+    from stagediff.evaluate_vlm import accuracy_table, predict
+    from stagediff.io import write_parquet
+    from stagediff.models.vlm import load_vlm
+    from stagediff.seed import pick_device, seed_everything
+
+    p = _params(a.params)
+    seed_everything(p["seed"])
+    e = p["evaluate_vlm"]
+    model, processor = load_vlm(p["model"]["vlm"], pick_device(p["device"]), p["model"]["dtype"])
+    items = (vqa_items(p["data"], e["split"], p["prompts"], p["question_splits"], e["n"], p["seed"])
+             + vsr_items(p["data"], e["split"], p["prompts"], e["n"]))
+    preds = predict(model, processor, items, e["batch_size"], e["max_new_tokens"], p["model"]["pad_to_square"])
+    table = accuracy_table(items, preds)
+    log.info("VLM accuracy (%s split):\n%s", e["split"], table.to_string(index=False))
+    write_parquet(table, a.out)
+
+
+def cmd_cache(a) -> None:
+    from stagediff.cache import cache_activations, config_hash
+    from stagediff.data.items import vqa_items
+    from stagediff.models.vlm import load_vlm
+    from stagediff.seed import pick_device, seed_everything
+
+    p = _params(a.params)
+    if len(a.out) != len(a.layers):
+        raise SystemExit(f"--out needs one path per layer: {len(a.layers)} layers, {len(a.out)} paths")
+    seed_everything(p["seed"])
+    c = p["cache"]
+    device = pick_device(p["device"])
+    model, processor = load_vlm(p["model"]["vlm"], device, p["model"]["dtype"])
+    items = [it for split, n in c["splits"].items() if n
+             for it in vqa_items(p["data"], split, p["prompts"], p["question_splits"], n, p["seed"])]
+    attrs = {"model": p["model"]["vlm"], "dataset": c["dataset"], "dtype": c["dtype"],
+             "hook": "decoder block output (resid_post)", "config_hash": config_hash(p),
+             "d_model": model.config.text_config.hidden_size}
+    cache_activations(model, processor, items, a.layers, dict(zip(a.layers, map(Path, a.out))),
+                      {**c, "pad_to_square": p["model"]["pad_to_square"]}, attrs, device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="stagediff", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def add(name, fn, help_):
+        s = sub.add_parser(name, help=help_)
+        s.set_defaults(fn=fn)
+        return s
+
+    s = add("check-config", cmd_check_config, "validate a config file and print a summary")
+    s.add_argument("config")
+    for name, fn, help_ in (("toy-data", cmd_toy_data, "generate the toy images, VQAv2/VSR/COCO files"),):
+        s = add(name, fn, help_)
+        s.add_argument("--params", required=True)
+        s.add_argument("--out", required=True)
+    s = add("toy-base-lm", cmd_toy_base_lm, "train the toy base LM (text only) and its tokenizer")
+    s.add_argument("--params", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--out", required=True)
+    s = add("toy-base-sae", cmd_toy_base_sae, "train one layer's base TopK SAE, Llama Scope layout")
+    s.add_argument("--params", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--base-lm", required=True)
+    s.add_argument("--layer", type=int, required=True)
+    s.add_argument("--out", required=True)
+    s = add("toy-vlm", cmd_toy_vlm, "visual-instruction-tune the toy LLaVA from the base LM")
+    s.add_argument("--params", required=True)
+    s.add_argument("--base-lm", required=True)
+    s.add_argument("--out", required=True)
+    s = add("vlm-accuracy", cmd_vlm_accuracy, "held-out VLM accuracy per question family (Parquet)")
+    s.add_argument("--params", required=True)
+    s.add_argument("--out", required=True)
+    s = add("cache", cmd_cache, "cache residual activations of a layer group to Zarr (one forward)")
+    s.add_argument("--params", required=True)
+    s.add_argument("--layers", type=int, nargs="+", required=True)
+    s.add_argument("--out", nargs="+", required=True, help="one store path per layer, same order")
+
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        a.fn(a)
+    except (FileNotFoundError, ValueError, FloatingPointError, RuntimeError) as e:
+        log.error("%s", e)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

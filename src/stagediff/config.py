@@ -1,0 +1,161 @@
+"""Load, validate and resolve a workflow config.
+
+Validation happens at parse time, before any job runs, and fails with one message naming the
+key: unknown keys, wrong types, layers out of range, missing data paths. The toy world's data
+and model paths are derived from ``toy.root`` so a toy config cannot point at the wrong place.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the key (and the file when known)."""
+
+
+def _path(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "<top level>"
+
+
+def _message(error: jsonschema.ValidationError) -> str:
+    if error.validator == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        where = _path(error)
+        keys = ", ".join(f"{where}.{k}" if where != "<top level>" else k for k in extra)
+        return f"unknown config key {keys}"
+    if error.validator == "required":
+        return f"missing config key {_path(error)}: {error.message}"
+    return f"config key {_path(error)}: {error.message}"
+
+
+def fill_defaults(instance: dict, schema: dict) -> None:
+    """Insert schema ``default`` values for absent keys of objects that exist."""
+    for key, sub in schema.get("properties", {}).items():
+        if key not in instance and "default" in sub:
+            instance[key] = copy.deepcopy(sub["default"])
+        if isinstance(instance.get(key), dict) and sub.get("type") == "object":
+            fill_defaults(instance[key], sub)
+
+
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA.read_text())
+
+
+def validate(config: dict, source: str = "config") -> dict:
+    """Schema check + defaults + semantic checks + toy-path resolution; returns a new dict."""
+    config = copy.deepcopy(config)
+    schema = load_schema()
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: e.path)
+    if errors:
+        raise ConfigError(f"{source}: {_message(errors[0])}")
+    if "toy" in config:
+        config.setdefault("model", {})  # the toy world fills in its paths; defaults still apply
+    fill_defaults(config, schema)
+    _normalise_overrides(config)
+    resolve_world(config)
+    _check_layers(config, source)
+    if "toy" in config:
+        _check_toy(config["toy"], source)
+    else:
+        _check_paths(config, source)
+    return config
+
+
+def _normalise_overrides(config: dict) -> None:
+    """Per-layer override keys may be written 2 or "2" in YAML; store them as strings."""
+    for section in _override_sections(config):
+        section["overrides"] = {str(k): v for k, v in section.get("overrides", {}).items()}
+
+
+def _override_sections(config: dict):
+    if "toy" in config:
+        yield config["toy"]["base_sae"]
+
+
+def n_layers(config: dict) -> int:
+    return config["toy"]["base_lm"]["n_layers"] if "toy" in config else config["model"]["n_layers"]
+
+
+def _check_layers(config: dict, source: str) -> None:
+    n = n_layers(config)
+    key = "toy.base_lm.n_layers" if "toy" in config else "model.n_layers"
+    for i, layer in enumerate(config["layers"]):
+        if not 0 <= layer < n:
+            raise ConfigError(f"{source}: config key layers[{i}] = {layer} is out of range for {key} = {n}")
+    grouped = [layer for g in config["cache"]["layer_groups"] for layer in g]
+    if grouped and sorted(grouped) != sorted(config["layers"]):
+        raise ConfigError(f"{source}: config key cache.layer_groups must partition layers {config['layers']}, "
+                          f"got {config['cache']['layer_groups']}")
+    for lay in _override_sections(config):
+        for k in lay["overrides"]:
+            if int(k) not in config["layers"]:
+                raise ConfigError(f"{source}: per-layer override for layer {k} but layers = {config['layers']}")
+
+
+def _check_toy(toy: dict, source: str) -> None:
+    d, v = toy["data"], toy["vlm"]["vision"]
+    if d["image_size"] // d["grid"] < 5:
+        raise ConfigError(f"{source}: config key toy.data.image_size = {d['image_size']} leaves grid cells under "
+                          f"5 pixels (grid {d['grid']}); objects and sign glyphs need at least 3")
+    if d["image_size"] % v["patch_size"]:
+        raise ConfigError(f"{source}: config key toy.vlm.vision.patch_size = {v['patch_size']} must divide "
+                          f"toy.data.image_size = {d['image_size']}")
+    if d["max_objects"] < d["min_objects"] or d["max_objects"] + 1 > d["grid"] ** 2:
+        raise ConfigError(f"{source}: config key toy.data.max_objects = {d['max_objects']} must be >= "
+                          f"min_objects and leave a free cell for the sign")
+
+
+def resolve_world(config: dict) -> None:
+    """Toy world: every data/model path lives under ``toy.root`` and is made by the workflow."""
+    if "toy" not in config:
+        for key in ("data", "model"):
+            if key not in config:
+                raise ConfigError(f"missing config key {key} (required when there is no 'toy' section)")
+        return
+    from stagediff.data.toy_world import IMAGE_PATTERN, SUBTYPES, VSR_SPLITS
+
+    root = config["toy"]["root"]
+    d = f"{root}/data"
+    config["data"] = {
+        "vqav2": {"root": f"{d}/vqav2", "images": f"{d}/images", "image_pattern": IMAGE_PATTERN,
+                  "subtypes": dict(SUBTYPES)},
+        "vsr": {"root": f"{d}/vsr", "images": f"{d}/images", "splits": dict(VSR_SPLITS)},
+        "coco": {"root": f"{d}/coco"},
+        "neutral_prompts": f"{d}/neutral_prompts.json",
+    }
+    config.setdefault("model", {})
+    config["model"].update({"vlm": f"{root}/vlm", "n_layers": config["toy"]["base_lm"]["n_layers"]})
+    config["base_sae"] = {"path": root + "/llama_scope/L{layer}R-8x"}
+
+
+def _check_paths(config: dict, source: str) -> None:
+    d = config["data"]
+    paths = {"model.vlm": Path(config["model"]["vlm"]) / "config.json",
+             "data.vqav2.root": Path(d["vqav2"]["root"]), "data.vqav2.images": Path(d["vqav2"]["images"]),
+             "data.vsr.root": Path(d["vsr"]["root"]), "data.neutral_prompts": Path(d["neutral_prompts"])}
+    for key, p in paths.items():
+        if not p.exists():
+            raise ConfigError(f"{source}: config key {key}: path does not exist: {p}")
+
+
+def load(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return validate(raw or {}, str(path))
+
+
+def dumps(obj) -> str:
+    """Stable JSON for Snakemake params: equal settings give equal strings (no spurious reruns)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,76 @@
+"""The toy world's "base LLM": a word-level tokenizer and a tiny HF Llama trained on text only.
+
+It stands in for Llama-3.1-8B: same model class (``LlamaForCausalLM``), grouped-query attention
+(fewer key/value heads than query heads) and a chat template starting with the BOS token.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from stagediff.io import atomic_dir
+from stagediff.models.train import train_loop
+from stagediff.seed import seed_everything
+
+log = logging.getLogger(__name__)
+
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+# Llama-3.1-style: the template itself writes BOS, so prompts are tokenized without special tokens.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    base = ["user", "assistant", ":", "true", "false", "or", "statement", "this"]
+    tok.train_from_iterator(texts + base, trainers.WordLevelTrainer(special_tokens=SPECIAL, min_frequency=1))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>",
+                                   extra_special_tokens={"image_token": "<image>"})
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_lm(cfg: dict, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg["d_model"], intermediate_size=cfg["d_mlp"],
+        num_hidden_layers=cfg["n_layers"], num_attention_heads=cfg["n_heads"],
+        num_key_value_heads=cfg["n_kv_heads"], max_position_embeddings=cfg["max_positions"],
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    return LlamaForCausalLM(config)
+
+
+def train_base_lm(corpus: str | Path, out: str | Path, cfg: dict, seed: int) -> None:
+    """Build the tokenizer on the corpus and train the LM on it (next-token loss, text only)."""
+    seed_everything(seed)
+    texts = [t for t in Path(corpus).read_text().splitlines() if t.strip()]
+    tokenizer = build_tokenizer(texts + list(cfg.get("extra_texts", [])))
+    model = build_lm(cfg, tokenizer)
+    enc = [[tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"]
+           + [tokenizer.eos_token_id] for t in texts]
+    gen = torch.Generator().manual_seed(seed)
+
+    def batch(step: int) -> dict:
+        idx = torch.randint(len(enc), (cfg["batch_size"],), generator=gen).tolist()
+        n = max(len(enc[i]) for i in idx)
+        ids = torch.full((len(idx), n), tokenizer.pad_token_id)
+        for r, i in enumerate(idx):
+            ids[r, : len(enc[i])] = torch.tensor(enc[i])
+        mask = ids != tokenizer.pad_token_id
+        return {"input_ids": ids, "attention_mask": mask.long(), "labels": ids.masked_fill(~mask, -100)}
+
+    train_loop(model, batch, steps=cfg["steps"], lr=cfg["lr"], name="base_lm")
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)

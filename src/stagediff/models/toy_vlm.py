@@ -1,0 +1,155 @@
+"""The toy world's "LLaVA-MORE": small CLIP vision tower + MLP projector + the toy base LM.
+
+Three steps, as LLaVA but with the vision pretraining done here because no toy CLIP exists:
+1. vision pretraining: the tower learns per-patch labels (which object covers the patch, and the
+   patch's row and column) from the kept COCO boxes. Without it the randomly initialised tower
+   gives near-constant patch features and the LM learns to ignore the image.
+2. feature alignment: only the projector trains (LLaVA stage 1).
+3. visual instruction tuning: everything trains, the LM from the base LM's weights, which is
+   what makes base-vs-adapted SAE diffing meaningful.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaForCausalLM, LlavaConfig,
+                          LlavaForConditionalGeneration, LlavaProcessor)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from stagediff.data.items import Item, vqa_items, vsr_items
+from stagediff.io import atomic_dir
+from stagediff.models.train import train_loop
+from stagediff.models.vlm import chat_prompt, encode_batch, load_image
+from stagediff.seed import seed_everything
+
+log = logging.getLogger(__name__)
+CLIP_MEAN, CLIP_STD = [0.4815, 0.4578, 0.4082], [0.2686, 0.2613, 0.2758]
+
+
+def build_vlm(base_lm: str | Path, cfg: dict, image_size: int):
+    tokenizer = AutoTokenizer.from_pretrained(base_lm)
+    base = LlamaForCausalLM.from_pretrained(base_lm, use_safetensors=True)
+    v = cfg["vision"]
+    vision = CLIPVisionConfig(hidden_size=v["d_model"], intermediate_size=4 * v["d_model"],
+                              num_hidden_layers=v["n_layers"], num_attention_heads=v["n_heads"],
+                              image_size=image_size, patch_size=v["patch_size"], projection_dim=v["d_model"])
+    n_patches = (image_size // v["patch_size"]) ** 2
+    config = LlavaConfig(vision_config=vision, text_config=base.config,
+                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                         projector_hidden_act="gelu", vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", image_seq_length=n_patches)
+    model = LlavaForConditionalGeneration(config)
+    model.model.language_model.load_state_dict(base.model.state_dict())
+    model.lm_head.load_state_dict(base.lm_head.state_dict())
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                               patch_size=v["patch_size"], vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template=tokenizer.chat_template)
+    return model, processor
+
+
+def encode_training_items(processor, items: list[Item], chunk: int = 512) -> list[dict]:
+    """Pre-encode once: per item input_ids, labels (answer + EOS only) and pixel_values."""
+    out = []
+    for i in range(0, len(items), chunk):
+        part = items[i : i + chunk]
+        images = [load_image(it.image_path) for it in part]
+        texts = [chat_prompt(processor, it.user_text, it.answer) for it in part]
+        b = encode_batch(processor, images, texts)
+        for r, it in enumerate(part):
+            ids = b["input_ids"][r][b["attention_mask"][r].bool()]
+            n_ans = len(processor.tokenizer(it.answer + processor.tokenizer.eos_token,
+                                            add_special_tokens=False)["input_ids"])
+            labels = torch.full_like(ids, -100)
+            labels[-n_ans:] = ids[-n_ans:]
+            out.append({"input_ids": ids, "labels": labels, "pixel_values": b["pixel_values"][r]})
+    return out
+
+
+def collate(examples: list[dict], pad_id: int) -> dict:
+    n = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), n), pad_id)
+    labels = torch.full((len(examples), n), -100)
+    for r, e in enumerate(examples):
+        ids[r, : len(e["input_ids"])] = e["input_ids"]
+        labels[r, : len(e["labels"])] = e["labels"]
+    return {"input_ids": ids, "attention_mask": (ids != pad_id).long(), "labels": labels,
+            "pixel_values": torch.stack([e["pixel_values"] for e in examples])}
+
+
+def patch_labels(coco_file: str | Path, image_size: int, patch: int) -> tuple[dict[int, torch.Tensor], int]:
+    """Per image: [n_patches] object class (0 = background) of the object covering each patch centre."""
+    doc = json.loads(Path(coco_file).read_text())
+    side = image_size // patch
+    labels = {im["id"]: torch.zeros(side * side, dtype=torch.long) for im in doc["images"]}
+    centres = (torch.arange(side) * patch + patch / 2)
+    for a in doc["annotations"]:
+        x, y, w, h = a["bbox"]
+        cols = ((centres >= x) & (centres < x + w)).nonzero().flatten()
+        rows = ((centres >= y) & (centres < y + h)).nonzero().flatten()
+        for r in rows.tolist():
+            labels[a["image_id"]][r * side + cols] = a["category_id"]
+    return labels, len(doc["categories"]) + 1
+
+
+def pretrain_vision(model, processor, data: dict, cfg: dict, image_size: int, gen: torch.Generator) -> None:
+    """Stage 0: per-patch object class, row and column from the tower's selected layer."""
+    v = data["vqav2"]
+    subtype = v["subtypes"]["train"]
+    labels, n_cls = patch_labels(Path(data["coco"]["root"]) / f"instances_{subtype}.json", image_size,
+                                 cfg["vision"]["patch_size"])
+    ids = sorted(labels)
+    paths = [Path(v["images"]) / subtype / v["image_pattern"].format(subtype=subtype, image_id=i) for i in ids]
+    pixels = processor.image_processor([load_image(p) for p in paths], return_tensors="pt")["pixel_values"]
+    y = torch.stack([labels[i] for i in ids])
+    side = image_size // cfg["vision"]["patch_size"]
+    pos = torch.arange(side * side)
+    tower, d = model.model.vision_tower, cfg["vision"]["d_model"]
+    heads = torch.nn.ModuleDict({"cls": torch.nn.Linear(d, n_cls), "row": torch.nn.Linear(d, side),
+                                 "col": torch.nn.Linear(d, side)})
+    opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=cfg["lr"])
+    ce = torch.nn.functional.cross_entropy
+    for step in range(cfg["vision_steps"]):
+        idx = torch.randint(len(ids), (cfg["batch_size"],), generator=gen)
+        h = tower(pixels[idx], output_hidden_states=True).hidden_states[model.config.vision_feature_layer][:, 1:]
+        loss = (ce(heads["cls"](h).flatten(0, 1), y[idx].flatten())
+                + ce(heads["row"](h).flatten(0, 1), (pos // side).repeat(len(idx)))
+                + ce(heads["col"](h).flatten(0, 1), (pos % side).repeat(len(idx))))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % max(1, cfg["vision_steps"] // 5) == 0 or step == cfg["vision_steps"] - 1:
+            log.info("vision pretraining step %d/%d loss %.4f", step + 1, cfg["vision_steps"], loss.item())
+
+
+def train_toy_vlm(base_lm: str | Path, data: dict, prompts: dict, keywords: dict, out: str | Path,
+                  cfg: dict, image_size: int, seed: int) -> None:
+    seed_everything(seed)
+    model, processor = build_vlm(base_lm, cfg, image_size)
+    items = vqa_items(data, "train", prompts, keywords) + vsr_items(data, "train", prompts)
+    encoded = encode_training_items(processor, items)
+    log.info("visual instruction tuning on %d items", len(encoded))
+    gen = torch.Generator().manual_seed(seed)
+    pad = processor.tokenizer.pad_token_id
+
+    def batch(step: int) -> dict:
+        idx = torch.randint(len(encoded), (cfg["batch_size"],), generator=gen).tolist()
+        return collate([encoded[i] for i in idx], pad)
+
+    pretrain_vision(model, processor, data, cfg, image_size, gen)
+    frozen = [p for n, p in model.named_parameters() if not n.startswith("model.multi_modal_projector")]
+    for p in frozen:
+        p.requires_grad_(False)
+    train_loop(model, batch, steps=cfg["align_steps"], lr=cfg["lr"], name="toy_vlm feature alignment")
+    for p in frozen:
+        p.requires_grad_(True)
+    train_loop(model, batch, steps=cfg["steps"], lr=cfg["lr"], name="toy_vlm instruction tuning",
+               param_lrs={"model.language_model": cfg["lm_lr"], "lm_head": cfg["lm_lr"]})
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)

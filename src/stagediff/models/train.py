@@ -1,0 +1,46 @@
+"""One small training loop for the toy world's models (AdamW, warmup + cosine decay)."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def train_loop(model: torch.nn.Module, batch_fn: Callable[[int], dict], steps: int, lr: float,
+               name: str, weight_decay: float = 0.01, warmup: int = 50,
+               param_lrs: dict[str, float] | None = None) -> list[float]:
+    """Train ``model`` on ``batch_fn(step)`` (HF-style kwargs with ``labels``); returns losses.
+
+    ``param_lrs`` maps a parameter-name prefix to its own learning rate, e.g. a smaller one for
+    the pretrained language model than for a freshly initialised vision tower.
+    """
+    groups: dict[float, list] = {}
+    for pname, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        plr = next((v for k, v in (param_lrs or {}).items() if pname.startswith(k)), lr)
+        groups.setdefault(plr, []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "lr": g} for g, ps in groups.items()],
+                            weight_decay=weight_decay, betas=(0.9, 0.98))
+    base = [g["lr"] for g in opt.param_groups]
+    model.train()
+    losses, t0 = [], time.time()
+    for step in range(steps):
+        f = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for g, b in zip(opt.param_groups, base):
+            g["lr"] = b * f
+        loss = model(**batch_fn(step)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % max(1, steps // 10) == 0 or step == steps - 1:
+            log.info("%s step %d/%d loss %.4f (%.1fs)", name, step + 1, steps, loss.item(), time.time() - t0)
+    model.eval()
+    return losses

@@ -1,0 +1,63 @@
+"""Load a VLM (HF ``LlavaForConditionalGeneration``) and turn samples into model inputs.
+
+One code path for both worlds: the toy LLaVA and converted LLaVA-MORE are loaded the same way,
+with safetensors weights and no remote code.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_vlm(path: str | Path, device: torch.device | str = "cpu", dtype: str = "float32"):
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no HF model at {path} (config.json missing)")
+    processor = AutoProcessor.from_pretrained(path)
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True)
+    return model.to(device).eval(), processor
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The language model's decoder blocks (of a LLaVA or a plain causal LM)."""
+    inner = model.model
+    return (inner.language_model if hasattr(inner, "language_model") else inner).layers
+
+
+def load_image(path: str | Path, pad_to_square: bool = False) -> Image.Image:
+    """RGB image; LLaVA-style pad-to-square (LLaVA-MORE) fills with the processor's mean colour."""
+    img = Image.open(path).convert("RGB")
+    if pad_to_square and img.width != img.height:
+        side = max(img.size)
+        canvas = Image.new("RGB", (side, side), (122, 116, 104))  # CLIP mean * 255
+        canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+        img = canvas
+    return img
+
+
+def chat_prompt(processor, user_text: str, answer: str | None = None) -> str:
+    """The model's own chat template around one user turn (and the answer when training)."""
+    msgs = [{"role": "user", "content": user_text}]
+    if answer is None:
+        return processor.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    msgs.append({"role": "assistant", "content": answer})
+    return processor.tokenizer.apply_chat_template(msgs, tokenize=False)
+
+
+def encode_batch(processor, images: list[Image.Image], texts: list[str], padding_side: str = "right") -> dict:
+    """Processor call shared by every stage: image tokens expanded, BOS from the template."""
+    processor.tokenizer.padding_side = padding_side
+    return processor(images=images, text=texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def token_masks(batch: dict, model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image mask, text mask) over positions; text excludes padding and the BOS token."""
+    ids, attn = batch["input_ids"], batch["attention_mask"].bool()
+    image = ids == model.config.image_token_id
+    text = attn & ~image & (ids != model.config.text_config.bos_token_id)
+    return image, text

@@ -1,0 +1,124 @@
+"""Activation cache: contents equal the HF model's hidden states; one forward per batch."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from stagediff.cache import MARKER, ActivationStore, cache_activations, from_storage, to_storage
+from stagediff.capture import capture_residuals
+from stagediff.data.items import vqa_items
+from stagediff.models.vlm import decoder_layers, load_vlm
+from stagediff.seed import seed_everything
+
+CFG = {"dtype": "float32", "batch_size": 4, "chunk_rows": 16, "chunks_per_shard": 2, "pad_to_square": False}
+
+
+@pytest.fixture(scope="module")
+def world(tiny_world):
+    model, processor = load_vlm(tiny_world["model"]["vlm"])
+    items = vqa_items(tiny_world["data"], "train", tiny_world["prompts"], tiny_world["question_splits"], 10)
+    return tiny_world, model, processor, items
+
+
+def _run(world, tmp_path, layers, cfg=CFG):
+    cfg_, model, processor, items = world
+    outs = {L: tmp_path / f"L{L}.zarr" for L in layers}
+    cache_activations(model, processor, items, layers, outs, cfg, {"model": "tiny", "dtype": cfg["dtype"]},
+                      torch.device("cpu"))
+    return outs
+
+
+def test_cache_equals_hidden_states_at_text_and_image_positions(world, tmp_path):
+    cfg, model, processor, items = world
+    outs = _run(world, tmp_path, [0, 1])
+    from stagediff.cache import iter_batches
+
+    expected = {0: {"text": [], "image": []}, 1: {"text": [], "image": []}}
+    for part, b in iter_batches(processor, items, 4):
+        with torch.no_grad():
+            hs = model(**b, output_hidden_states=True).hidden_states
+        ids = b["input_ids"]
+        img = ids == model.config.image_token_id
+        txt = b["attention_mask"].bool() & ~img & (ids != model.config.text_config.bos_token_id)
+        for L in (0, 1):
+            expected[L]["text"].append(hs[L + 1][txt])
+            expected[L]["image"].append(hs[L + 1][img])
+    for L in (0, 1):
+        store = ActivationStore(outs[L])
+        assert store.attrs["layer"] == L
+        for m in ("text", "image"):
+            assert torch.allclose(store.acts(m), torch.cat(expected[L][m]), atol=1e-6)
+        # image tokens are exactly the placeholder id, text tokens never padding or BOS
+        assert (store.meta("image", "token_id") == model.config.image_token_id).all()
+        tok = store.meta("text", "token_id")
+        assert not np.isin(tok, [processor.tokenizer.pad_token_id, processor.tokenizer.bos_token_id]).any()
+        assert set(store.meta("text", "sample_id")) == {it.sample_id for it in items}
+        n_img = model.config.image_seq_length
+        assert store.n_tokens("image") == n_img * len(items)
+        assert json.loads((outs[L] / MARKER).read_text())["n_samples"] == len(items)
+
+
+def test_last_layer_is_block_output_not_final_norm(world):
+    """HF's last hidden_states entry is after the final norm; the cache must take the block output."""
+    cfg, model, processor, items = world
+    from stagediff.cache import iter_batches
+
+    last = model.config.text_config.num_hidden_layers - 1
+    _, b = next(iter_batches(processor, items, 4))
+    got = capture_residuals(model, b, [last])[last]
+    with torch.no_grad():
+        hs = model(**b, output_hidden_states=True).hidden_states
+    normed = model.model.language_model.norm(got)
+    assert torch.allclose(hs[-1], normed, atol=1e-5)
+    assert not torch.allclose(hs[-1], got, atol=1e-3)
+
+
+def test_one_forward_per_batch_for_many_layers_and_early_stop(world, tmp_path):
+    cfg, model, processor, items = world
+    calls = {}
+    blocks = decoder_layers(model)
+    hooks = [blk.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls.get(i, 0) + 1))
+             for i, blk in enumerate(blocks)]
+    try:
+        _run(world, tmp_path, [0, 1])
+    finally:
+        for h in hooks:
+            h.remove()
+    n_batches = (len(items) + 3) // 4
+    assert calls[0] == n_batches and calls[1] == n_batches  # one pass serves both layers
+    assert 2 not in calls  # the forward stopped after the deepest owned layer
+
+
+def test_bf16_uint16_round_trip_and_shards(world, tmp_path):
+    x = torch.randn(100, 8)
+    assert torch.equal(from_storage(to_storage(x, "bfloat16"), "bfloat16"), x.to(torch.bfloat16).float())
+    outs = _run(world, tmp_path, [1], {**CFG, "dtype": "bfloat16"})
+    g = zarr.open_group(outs[1], mode="r")
+    assert g["text"]["acts"].dtype == np.uint16
+    assert g["text"]["acts"].shards == (32, g["text"]["acts"].shape[1])
+    store = ActivationStore(outs[1])
+    n = g["text"]["acts"].shape[0]
+    shard_files = [p for p in (outs[1] / "text" / "acts").rglob("*") if p.is_file() and p.name != "zarr.json"]
+    assert len(shard_files) == -(-n // 32) < -(-n // 16)  # one file per shard, not per chunk
+    assert store.acts("image").dtype == torch.float32
+
+
+def test_nan_stops_with_sample_and_layer(world, tmp_path):
+    cfg, model, processor, items = world
+    blk = decoder_layers(model)[0]
+    h = blk.register_forward_hook(lambda m, a, o: o.fill_(float("nan")))
+    try:
+        with pytest.raises(FloatingPointError, match=f"layer 0, sample_id {items[0].sample_id}"):
+            _run(world, tmp_path, [0])
+    finally:
+        h.remove()
+    assert not (tmp_path / "L0.zarr").exists()  # nothing half-written left behind
+    assert not list(tmp_path.iterdir())
+
+
+def test_incomplete_store_is_refused(tmp_path):
+    (tmp_path / "L0.zarr").mkdir()
+    with pytest.raises(RuntimeError, match="incomplete"):
+        ActivationStore(tmp_path / "L0.zarr")

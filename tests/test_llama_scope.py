@@ -1,0 +1,68 @@
+"""Llama Scope file layout: write, read back, same SAE; hand-computed TopK semantics."""
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stagediff.sae.llama_scope import WEIGHTS, load_llama_scope, save_llama_scope
+from stagediff.sae.topk import TopKSAE
+
+
+def test_round_trip_layout_and_encodings(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    sae = TopKSAE.random_init(16, 64, 4, scale=math.sqrt(16) / 3.0, generator=g)
+    with torch.no_grad():
+        sae.b_enc.normal_(generator=g)
+        sae.b_dec.normal_(generator=g)
+    save_llama_scope(sae, tmp_path, layer=5, lm_config={"hidden_size": 16})
+    hp = json.loads((tmp_path / "hyperparams.json").read_text())
+    assert hp["d_model"] == 16 and hp["d_sae"] == 64 and hp["top_k"] == 4
+    assert hp["dataset_average_activation_norm"] == {"in": pytest.approx(3.0), "out": pytest.approx(3.0)}
+    assert hp["sparsity_include_decoder_norm"] is True
+    assert hp["hook_point_in"] == "blocks.5.hook_resid_post"
+    w = load_file(tmp_path / WEIGHTS)
+    assert w["encoder.weight"].shape == (64, 16) and w["decoder.weight"].shape == (16, 64)
+    assert w["encoder.bias"].shape == (64,) and w["decoder.bias"].shape == (16,)
+    back = load_llama_scope(tmp_path)
+    x = torch.randn(32, 16, generator=g) * 3
+    v1, i1 = sae.encode(x)
+    v2, i2 = back.encode(x)
+    assert torch.equal(sae.dense_codes(x), back.dense_codes(x))
+    assert torch.allclose(sae(x), back(x))
+
+
+def test_topk_ranks_by_decoder_norm_and_keeps_relu_value():
+    # two latents with pre-activations 2 and 1; decoder norms 1 and 3 -> scores 2 and 3
+    sae = TopKSAE(d_model=2, d_sae=2, k=1, scale=1.0)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(2))
+        sae.b_enc.zero_()
+        sae.W_dec.copy_(torch.tensor([[1.0, 0.0], [0.0, 3.0]]))
+        sae.b_dec.zero_()
+    x = torch.tensor([[2.0, 1.0]])
+    vals, idx = sae.encode(x)
+    assert idx.tolist() == [[1]] and vals.tolist() == [[1.0]]
+    assert sae(x).tolist() == [[0.0, 3.0]]
+    sae.rank_by_decoder_norm = False
+    assert sae.encode(x)[1].tolist() == [[0]]
+
+
+def test_input_scaling_and_output_back_to_residual_scale():
+    # s = 2: pre = 2x; reconstruction divided by s again
+    sae = TopKSAE(d_model=1, d_sae=1, k=1, scale=2.0)
+    with torch.no_grad():
+        sae.W_enc.fill_(1.0)
+        sae.b_enc.zero_()
+        sae.W_dec.fill_(1.0)
+        sae.b_dec.zero_()
+    x = torch.tensor([[3.0]])
+    assert sae.encode(x)[0].item() == 6.0
+    assert sae(x).item() == 3.0
+
+
+def test_missing_file_is_named(tmp_path):
+
+    with pytest.raises(FileNotFoundError, match="hyperparams.json"):
+        load_llama_scope(tmp_path)

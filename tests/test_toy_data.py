@@ -1,0 +1,110 @@
+"""Toy-world generator: determinism and fidelity to the VQAv2 / VSR / COCO release formats."""
+import hashlib
+import json
+
+import pytest
+
+from stagediff.data import toy_scenes as ts
+from stagediff.data.items import question_family, vqa_items, vsr_items
+from stagediff.data.toy_world import generate_toy_world
+from stagediff.data.vqav2 import load_vqav2, vqa_accuracy
+from stagediff.data.vsr import load_vsr
+from tests.conftest import tiny_config
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def data_cfg():
+    from stagediff import config as sdc
+
+    return sdc.validate(tiny_config())["toy"]["data"]
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path, data_cfg):
+    generate_toy_world(tmp_path / "a", data_cfg, seed=3)
+    generate_toy_world(tmp_path / "b", data_cfg, seed=3)
+    generate_toy_world(tmp_path / "c", data_cfg, seed=4)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+
+
+def test_vqav2_files_carry_official_fields(tiny_world):
+    root = tiny_world["data"]["vqav2"]["root"]
+    q = json.load(open(f"{root}/v2_OpenEnded_mscoco_toy_train_questions.json"))
+    a = json.load(open(f"{root}/v2_mscoco_toy_train_annotations.json"))
+    assert {"info", "task_type", "data_type", "license", "data_subtype", "questions"} <= set(q)
+    assert {"info", "license", "data_type", "data_subtype", "annotations"} <= set(a)
+    assert set(q["questions"][0]) == {"image_id", "question", "question_id"}
+    ann = a["annotations"][0]
+    assert {"question_type", "multiple_choice_answer", "answers", "image_id", "answer_type",
+            "question_id"} <= set(ann)
+    assert all(len(x["answers"]) == 10 for x in a["annotations"])
+    assert set(ann["answers"][0]) == {"answer", "answer_confidence", "answer_id"}
+    assert {x["answer_type"] for x in a["annotations"]} >= {"yes/no", "number", "other"}
+
+
+def test_loaders_read_all_families_and_images_exist(tiny_world):
+    cfg = tiny_world
+    items = vqa_items(cfg["data"], "train", cfg["prompts"], cfg["question_splits"])
+    assert {it.family for it in items} == {"general", "spatial", "ocr"}
+    assert all(it.image_path.is_file() for it in items)
+    vsr = vsr_items(cfg["data"], "train", cfg["prompts"])
+    assert {it.answer for it in vsr} == {"true", "false"}
+    assert all(it.image_path.is_file() for it in vsr)
+    samples = load_vqav2(cfg["data"]["vqav2"]["root"], "toy_val", cfg["data"]["vqav2"]["images"] + "/toy_val",
+                         cfg["data"]["vqav2"]["image_pattern"])
+    assert samples == sorted(samples, key=lambda s: s.question_id)
+
+
+def test_vsr_lines_have_release_fields_and_true_labels(tiny_world):
+    d = tiny_world["data"]["vsr"]
+    lines = [json.loads(x) for x in open(f"{d['root']}/train.jsonl")]
+    assert {"image", "image_link", "caption", "label", "relation", "subj", "obj", "annotator_id",
+            "vote_true_validator_id", "vote_false_validator_id"} <= set(lines[0])
+    assert {x["relation"] for x in lines} <= set(ts.RELATIONS)
+    assert len(load_vsr(f"{d['root']}/train.jsonl", d["images"])) == len(lines)
+
+
+def test_coco_instances_boxes_match_grid(tiny_world):
+    coco = json.load(open(f"{tiny_world['data']['coco']['root']}/instances_toy_train.json"))
+    assert {"images", "annotations", "categories"} <= set(coco)
+    cell = 24 // 4
+    for a in coco["annotations"]:
+        x, y, w, h = a["bbox"]
+        assert x // cell == a["attributes"]["col"] and y // cell == a["attributes"]["row"]
+        assert (x + w - 1) // cell == a["attributes"]["col"]
+
+
+def test_relation_ground_truth():
+    a = ts.SceneObject("shape", "red", "circle", None, row=0, col=0, box=(0, 0, 6, 6))
+    b = ts.SceneObject("shape", "blue", "square", None, row=2, col=3, box=(24, 16, 6, 6))
+    assert ts.relation_holds(a, b, "left of") and ts.relation_holds(a, b, "above")
+    assert not ts.relation_holds(a, b, "right of") and not ts.relation_holds(a, b, "below")
+
+
+def test_question_family_keywords():
+    kw = {"spatial": ["left", "in front of"], "ocr": ["what does ... say", "written"]}
+    assert question_family("What does the sign say?", kw) == "ocr"
+    assert question_family("What is written on it?", kw) == "ocr"
+    assert question_family("Is the cat to the left of the dog?", kw) == "spatial"
+    assert question_family("Is the car in front of the house?", kw) == "spatial"
+    assert question_family("Is the leftover pizza cold?", kw) == "general"  # word-bounded
+
+
+@pytest.mark.parametrize("pred,answers,expected", [
+    ("yes", ["yes"] * 10, 1.0),
+    ("yes", ["yes"] * 3 + ["no"] * 7, 0.9),     # 3 of 10: drop a "yes" in 3 subsets -> 2/3
+    ("yes", ["yes"] * 2 + ["no"] * 8, 0.6),     # 8 subsets see 2 -> 2/3, 2 see 1 -> 1/3: (16/3+2/3)/10
+    ("no", ["yes"] * 10, 0.0),
+    ("2", ["2"] * 4 + ["3"] * 6, 1.0),
+])
+def test_vqa_accuracy_official_formula(pred, answers, expected):
+    assert vqa_accuracy(pred, answers) == pytest.approx(expected)

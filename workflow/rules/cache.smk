@@ -1,0 +1,43 @@
+# Per-layer activation cache (paper §4.1) and the VLM's held-out accuracy.
+# One job per layer group: one forward per batch serves every layer of the group.
+
+
+rule vlm_accuracy:
+    input:
+        **world_inputs(),
+    output:
+        f"{OUT}/tables/vlm_accuracy.parquet",
+    params:
+        p=params_json("data", "model", "prompts", "question_splits", "evaluate_vlm", "seed", "device"),
+    log:
+        f"{LOGS}/vlm_accuracy.log",
+    threads: 2
+    resources:
+        gpu=1,
+    conda:
+        ENV
+    shell:
+        "stagediff vlm-accuracy --params {params.p:q} --out {output} 2> {log}"
+
+
+for _gid, _group in enumerate(layer_groups()):
+
+    rule:
+        name:
+            f"cache_activations_g{_gid}"
+        input:
+            **world_inputs(),
+        output:
+            [directory(cache_path(layer)) for layer in _group],
+        params:
+            p=params_json("data", "model", "prompts", "question_splits", "cache", "seed", "device"),
+            layers=" ".join(map(str, _group)),
+        log:
+            f"{LOGS}/cache_activations_g{_gid}.log",
+        threads: 2
+        resources:
+            gpu=1,
+        conda:
+            ENV
+        shell:
+            "stagediff cache --params {params.p:q} --layers {params.layers} --out {output} 2> {log}"

@@ -1,0 +1,56 @@
+# Config validation (at parse time, before any job runs) and the helpers rules share.
+import stagediff.config as sdc
+
+config.update(sdc.validate(config, source="config"))
+
+NAME = config["name"]
+OUT = f"results/{NAME}"
+LOGS = f"logs/{NAME}"
+LAYERS = config["layers"]
+TOY = "toy" in config
+ENV = "../../envs/stagediff.yaml"
+
+
+wildcard_constraints:
+    layer=r"\d+",
+
+
+def params_json(*keys, **extra):
+    """The named top-level config sections (plus extras) as stable JSON for one job.
+
+    Returned as a function so Snakemake does not read the JSON's braces as wildcards.
+    """
+    text = sdc.dumps({**{k: config[k] for k in keys}, **extra})
+    return lambda wildcards: text
+
+
+def layer_groups():
+    return config["cache"]["layer_groups"] or [LAYERS]
+
+
+def cache_path(layer):
+    return f"{OUT}/activations/{config['cache']['dataset']}/L{layer}.zarr"
+
+
+def world_inputs():
+    """What a model-running job needs: the VLM and the data (generated in the toy world)."""
+    if TOY:
+        return {"vlm": config["model"]["vlm"], "data": f"{config['toy']['root']}/data"}
+    d = config["data"]
+    return {"vlm": config["model"]["vlm"], "vqav2": d["vqav2"]["root"], "vsr": d["vsr"]["root"]}
+
+
+def all_targets():
+    targets = [f"{OUT}/tables/vlm_accuracy.parquet"]
+    targets += [cache_path(layer) for layer in LAYERS]
+    if TOY:
+        targets += [config["base_sae"]["path"].format(layer=layer) for layer in LAYERS]
+    return targets
+
+
+def toy_base_sae_params(wildcards):
+    """Only this layer's base-SAE settings: changing layer 2's override reruns layer 2 alone."""
+    sae = config["toy"]["base_sae"]
+    hp = {k: v for k, v in sae.items() if k != "overrides"}
+    hp.update(sae["overrides"].get(str(wildcards.layer), {}))
+    return sdc.dumps({"seed": config["seed"], "base_sae": hp})

@@ -1,0 +1,70 @@
+# The toy world: data in the real release formats, a text-only base LM, base SAEs in the
+# Llama Scope layout and a tiny LLaVA, all generated from the seed. Absent in the paper world.
+if TOY:
+    TOY_ROOT = config["toy"]["root"]
+
+    rule toy_data:
+        output:
+            directory(f"{TOY_ROOT}/data"),
+        params:
+            p=params_json(data=config["toy"]["data"], seed=config["seed"]),
+        log:
+            f"{LOGS}/toy_data.log",
+        conda:
+            ENV
+        shell:
+            "stagediff toy-data --params {params.p:q} --out {output} 2> {log}"
+
+    rule toy_base_lm:
+        input:
+            data=rules.toy_data.output[0],
+        output:
+            directory(f"{TOY_ROOT}/base_lm"),
+        params:
+            p=params_json(base_lm=config["toy"]["base_lm"], seed=config["seed"]),
+        log:
+            f"{LOGS}/toy_base_lm.log",
+        threads: 2
+        conda:
+            ENV
+        shell:
+            "stagediff toy-base-lm --params {params.p:q} --data {input.data} --out {output} 2> {log}"
+
+    rule toy_base_sae:
+        input:
+            data=rules.toy_data.output[0],
+            base_lm=rules.toy_base_lm.output[0],
+        output:
+            directory(config["base_sae"]["path"]),
+        params:
+            p=toy_base_sae_params,
+        log:
+            f"{LOGS}/toy_base_sae/L{{layer}}.log",
+        conda:
+            ENV
+        shell:
+            "stagediff toy-base-sae --params {params.p:q} --data {input.data} --base-lm {input.base_lm}"
+            " --layer {wildcards.layer} --out {output} 2> {log}"
+
+    rule toy_vlm:
+        input:
+            data=rules.toy_data.output[0],
+            base_lm=rules.toy_base_lm.output[0],
+        output:
+            directory(config["model"]["vlm"]),
+        params:
+            p=params_json(
+                "data",
+                "prompts",
+                "question_splits",
+                vlm=config["toy"]["vlm"],
+                image_size=config["toy"]["data"]["image_size"],
+                seed=config["seed"],
+            ),
+        log:
+            f"{LOGS}/toy_vlm.log",
+        threads: 2
+        conda:
+            ENV
+        shell:
+            "stagediff toy-vlm --params {params.p:q} --base-lm {input.base_lm} --out {output} 2> {log}"
