@@ -28,6 +28,14 @@ def _noisy_answers(rng, truth: str, pool: list[str], n: int = 10, noise: float =
     return [str(rng.choice(wrong)) if wrong and rng.random() < noise else truth for _ in range(n)]
 
 
+def _balanced_relation(rng, shapes: list[ts.SceneObject]) -> tuple[ts.SceneObject, ts.SceneObject, str]:
+    """Two objects and a relation that holds with probability 1/2 (balanced yes/no, true/false)."""
+    a, b = (shapes[i] for i in rng.permutation(len(shapes))[:2])
+    want = bool(rng.random() < 0.5)
+    rels = [r for r in ts.RELATIONS if ts.relation_holds(a, b, r) == want] or list(ts.RELATIONS)
+    return a, b, str(rng.choice(rels))
+
+
 def _questions_for(rng, objs: list[ts.SceneObject], n_questions: int) -> list[dict]:
     """Questions of three families; each dict: question, answer, answer_type, question_type, pool."""
     shapes = [o for o in objs if o.kind == "shape"]
@@ -35,10 +43,7 @@ def _questions_for(rng, objs: list[ts.SceneObject], n_questions: int) -> list[di
     out = []
     # spatial yes/no, balanced: pick a pair and a relation that holds (yes) or not (no)
     for _ in range(n_questions):
-        a, b = (shapes[i] for i in rng.permutation(len(shapes))[:2])
-        want = bool(rng.random() < 0.5)
-        rels = [r for r in ts.RELATIONS if ts.relation_holds(a, b, r) == want] or list(ts.RELATIONS)
-        rel = str(rng.choice(rels))
+        a, b, rel = _balanced_relation(rng, shapes)
         ans = "yes" if ts.relation_holds(a, b, rel) else "no"
         out.append(dict(question=f"Is the {a.name} {ts.RELATION_PHRASES[rel]} the {b.name}?", answer=ans,
                         answer_type="yes/no", question_type="is the", pool=["yes", "no"]))
@@ -75,10 +80,7 @@ def _captions_for(rng, objs: list[ts.SceneObject], n: int) -> list[tuple[str, st
     shapes = [o for o in objs if o.kind == "shape"]
     out = []
     for _ in range(n):
-        a, b = (shapes[i] for i in rng.permutation(len(shapes))[:2])
-        want = bool(rng.random() < 0.5)
-        rels = [r for r in ts.RELATIONS if ts.relation_holds(a, b, r) == want] or list(ts.RELATIONS)
-        rel = str(rng.choice(rels))
+        a, b, rel = _balanced_relation(rng, shapes)
         caption = f"The {a.name} is {ts.RELATION_PHRASES[rel]} the {b.name}."
         out.append((caption, rel, int(ts.relation_holds(a, b, rel)), a.name, b.name))
     return out

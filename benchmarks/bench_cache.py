@@ -1,0 +1,86 @@
+"""Cache overhead vs a bare HF forward, and forward calls per batch (issue [A] item 7).
+
+Both sides run on the same pre-encoded batches of the same model, alternating, in one process:
+  bare:  model(**batch, output_hidden_states=True)         (all layers come back, nothing stored)
+  cache: stagediff.cache.cache_batch for all layers         (hooks, masks, bf16 view, Zarr appends)
+Prints the median time ratio cache/bare (goal <= 1.15) and forward calls per batch (goal 1).
+
+    python benchmarks/bench_cache.py [--config config/config.yaml] [--images 400] [--repeats 3]
+
+The model has the toy config's shapes with untrained weights (speed does not depend on them).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from stagediff import config as sdc
+from stagediff.cache import LayerStoreWriter, cache_batch, iter_batches
+from stagediff.data.items import vqa_items
+from stagediff.data.toy_world import generate_toy_world
+from stagediff.models.toy_lm import train_base_lm
+from stagediff.models.toy_vlm import build_vlm
+from stagediff.models.vlm import decoder_layers
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="config/config.yaml")
+    ap.add_argument("--images", type=int, default=400)
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    cfg = sdc.load(a.config)
+    t = cfg["toy"]
+    tmp = Path(tempfile.mkdtemp())
+    generate_toy_world(tmp / "data", {**t["data"], "n_images": {"train": a.images, "val": 1, "test": 1}}, 0)
+    train_base_lm(tmp / "data" / "corpus.txt", tmp / "lm", {**t["base_lm"], "steps": 1}, 0)
+    model, processor = build_vlm(tmp / "lm", t["vlm"], t["data"]["image_size"])
+    model.eval()
+    data = {**cfg["data"], "vqav2": {**cfg["data"]["vqav2"], "root": str(tmp / "data/vqav2"),
+                                     "images": str(tmp / "data/images")}}
+    items = vqa_items(data, "train", cfg["prompts"], cfg["question_splits"])
+    c = cfg["cache"]
+    batches = list(iter_batches(processor, items, c["batch_size"]))
+    layers = list(range(model.config.text_config.num_hidden_layers))
+    n_tok = sum(int(b["attention_mask"].sum()) for _, b in batches)
+    torch.set_num_threads(torch.get_num_threads())
+
+    def bare():
+        with torch.no_grad():
+            for _, b in batches:
+                model(**b, output_hidden_states=True, use_cache=False)
+
+    def cache():
+        d = Path(tempfile.mkdtemp(dir=tmp))
+        writers = {L: LayerStoreWriter(d / f"L{L}.zarr", model.config.text_config.hidden_size, c, {"dtype": c["dtype"]})
+                   for L in layers}
+        for part, b in batches:
+            cache_batch(model, part, b, layers, writers, c["dtype"], torch.device("cpu"))
+        for w in writers.values():
+            w.close({})
+
+    bare(), cache()  # warm-up
+    ratios, tb, tc = [], [], []
+    for _ in range(a.repeats):
+        t0 = time.perf_counter(); bare(); t1 = time.perf_counter(); cache(); t2 = time.perf_counter()
+        tb.append(t1 - t0); tc.append(t2 - t1); ratios.append((t2 - t1) / (t1 - t0))
+    calls = []
+    h = decoder_layers(model)[0].register_forward_hook(lambda *_: calls.append(1))
+    cache()
+    h.remove()
+    print(f"batches={len(batches)} tokens={n_tok} layers={len(layers)} threads={torch.get_num_threads()}")
+    print(f"bare forward (output_hidden_states): median {statistics.median(tb):.3f}s "
+          f"({n_tok / statistics.median(tb):.0f} tok/s)")
+    print(f"stagediff cache (all layers, Zarr):  median {statistics.median(tc):.3f}s "
+          f"({n_tok / statistics.median(tc):.0f} tok/s)")
+    print(f"ratio cache/bare: median {statistics.median(ratios):.3f} (goal <= 1.15); runs {[round(r, 3) for r in ratios]}")
+    print(f"forward calls per batch for {len(layers)} layers: {len(calls) / len(batches):.2f} (goal 1)")
+
+
+if __name__ == "__main__":
+    main()
