@@ -125,6 +125,34 @@ def pretrain_vision(model, processor, data: dict, cfg: dict, image_size: int, ge
         opt.step()
         if step % max(1, cfg["vision_steps"] // 5) == 0 or step == cfg["vision_steps"] - 1:
             log.info("vision pretraining step %d/%d loss %.4f", step + 1, cfg["vision_steps"], loss.item())
+    init_projector(model, pixels[: 4 * cfg["batch_size"]])
+
+
+@torch.no_grad()
+def init_projector(model, pixels: torch.Tensor) -> None:
+    """Data-dependent projector init: standardise the vision features (folded into linear_1) and
+    scale the output to the RMS of the LM's text embeddings.
+
+    Raw tower features share a large offset; projected as is, image tokens arrive ~1000x larger
+    than text embeddings and nearly parallel, so after RMSNorm every image key looks alike and the
+    LM cannot attend to one patch. LLaVA's alignment stage must learn this; we start from it.
+    """
+    feats = model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+    feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats.flatten(0, 1)
+    proj = model.model.multi_modal_projector
+    h = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
+    h = h[:, 1:].flatten(0, 1)
+    mu, sd = h.mean(0), h.std(0) + 1e-6
+    w1 = proj.linear_1.weight.clone()
+    proj.linear_1.weight.copy_(w1 / sd)
+    proj.linear_1.bias.sub_(w1 @ (mu / sd))
+    out = proj(h)
+    target = model.get_input_embeddings().weight.pow(2).mean().sqrt()
+    gain = target / out.pow(2).mean().sqrt()
+    proj.linear_2.weight.mul_(gain)
+    proj.linear_2.bias.mul_(gain)
+    log.info("projector init: vision feature RMS %.2f -> image token RMS %.4f (text embedding RMS %.4f)",
+             feats.pow(2).mean().sqrt(), proj(h).pow(2).mean().sqrt(), target)
 
 
 def train_toy_vlm(base_lm: str | Path, data: dict, prompts: dict, keywords: dict, out: str | Path,
