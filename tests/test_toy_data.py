@@ -83,6 +83,21 @@ def test_coco_instances_boxes_match_grid(tiny_world):
         assert (x + w - 1) // cell == a["attributes"]["col"]
 
 
+def test_coco_captions_name_every_object_with_its_cell(tiny_world):
+    root = tiny_world["data"]["coco"]["root"]
+    caps = json.load(open(f"{root}/captions_toy_train.json"))
+    inst = json.load(open(f"{root}/instances_toy_train.json"))
+    assert {"images", "annotations"} <= set(caps)
+    assert {"id", "image_id", "caption"} <= set(caps["annotations"][0])
+    names = {c["id"]: c["name"] for c in inst["categories"]}
+    by_image = {c["image_id"]: c["caption"] for c in caps["annotations"]}
+    for a in inst["annotations"]:
+        r, c = a["attributes"]["row"], a["attributes"]["col"]
+        name = names[a["category_id"]]
+        phrase = f"The {name} is in row {r} column {c}." if name != "sign" else f"row {r} column {c} says"
+        assert phrase in by_image[a["image_id"]]
+
+
 def test_relation_ground_truth():
     a = ts.SceneObject("shape", "red", "circle", None, row=0, col=0, box=(0, 0, 6, 6))
     b = ts.SceneObject("shape", "blue", "square", None, row=2, col=3, box=(24, 16, 6, 6))

@@ -106,13 +106,14 @@ def _generate(root: Path, cfg: dict, seed: int) -> None:
     for split in SPLITS:
         subtype = SUBTYPES[split]
         (root / "images" / subtype).mkdir(parents=True)
-        questions, anns, vsr_lines, coco_images, coco_anns = [], [], [], [], []
+        questions, anns, vsr_lines, coco_images, coco_anns, captions = [], [], [], [], [], []
         for _ in range(cfg["n_images"][split]):
             image_id += 1
             objs = ts.sample_scene(rng, grid, cell, cfg["min_objects"], cfg["max_objects"], cfg["sign_prob"])
             fname = IMAGE_PATTERN.format(subtype=subtype, image_id=image_id)
             Image.fromarray(ts.render(objs, size, rng)).save(root / "images" / subtype / fname)
             coco_images.append({"id": image_id, "file_name": fname, "width": size, "height": size})
+            captions.append({"id": image_id, "image_id": image_id, "caption": _describe(objs)})
             for o in objs:
                 coco_anns.append({"id": len(coco_anns) + 1, "image_id": image_id, "category_id": cat_id[o.name],
                                   "bbox": list(o.box), "area": o.box[2] * o.box[3], "iscrowd": 0,
@@ -132,6 +133,7 @@ def _generate(root: Path, cfg: dict, seed: int) -> None:
         _dump(root / "vqav2" / ANNOTATIONS_FILE.format(subtype=subtype), annotations_doc(subtype, anns))
         _dump(root / "coco" / f"instances_{subtype}.json",
               {"images": coco_images, "annotations": coco_anns, "categories": categories})
+        _dump(root / "coco" / f"captions_{subtype}.json", {"images": coco_images, "annotations": captions})
         with open(root / "vsr" / f"{VSR_SPLITS[split]}.jsonl", "w") as f:
             f.writelines(json.dumps(line, sort_keys=True) + "\n" for line in vsr_lines)
     _dump(root / "neutral_prompts.json", list(cfg["neutral_prompts"]))

@@ -1,12 +1,12 @@
 """The toy world's "LLaVA-MORE": small CLIP vision tower + MLP projector + the toy base LM.
 
-Three steps, as LLaVA but with the vision pretraining done here because no toy CLIP exists:
+Steps, as LLaVA but with the vision pretraining done here because no toy CLIP exists:
 1. vision pretraining: the tower learns per-patch labels (which object covers the patch, and the
    patch's row and column) from the kept COCO boxes. Without it the randomly initialised tower
    gives near-constant patch features and the LM learns to ignore the image.
-2. feature alignment: only the projector trains (LLaVA stage 1).
-3. visual instruction tuning: everything trains, the LM from the base LM's weights, which is
-   what makes base-vs-adapted SAE diffing meaningful.
+2. projector init from data, then feature alignment: only the projector trains (LLaVA stage 1).
+3. visual instruction tuning: everything trains, the LM from the base LM's weights (which is what
+   makes base-vs-adapted SAE diffing meaningful), on VQA, VSR and positional-caption items.
 """
 from __future__ import annotations
 
@@ -133,26 +133,35 @@ def init_projector(model, pixels: torch.Tensor) -> None:
     """Data-dependent projector init: standardise the vision features (folded into linear_1) and
     scale the output to the RMS of the LM's text embeddings.
 
-    Raw tower features share a large offset; projected as is, image tokens arrive ~1000x larger
-    than text embeddings and nearly parallel, so after RMSNorm every image key looks alike and the
-    LM cannot attend to one patch. LLaVA's alignment stage must learn this; we start from it.
+    Left alone, image tokens drift to ~1000x the text-embedding scale, nearly parallel to each
+    other, so after RMSNorm every image key looks alike and the LM cannot attend to one patch.
     """
-    feats = model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
-    feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats.flatten(0, 1)
     proj = model.model.multi_modal_projector
     h = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
-    h = h[:, 1:].flatten(0, 1)
+    h = h[:, 1:].flatten(0, 1)  # drop CLS, as vision_feature_select_strategy="default"
     mu, sd = h.mean(0), h.std(0) + 1e-6
     w1 = proj.linear_1.weight.clone()
     proj.linear_1.weight.copy_(w1 / sd)
     proj.linear_1.bias.sub_(w1 @ (mu / sd))
-    out = proj(h)
     target = model.get_input_embeddings().weight.pow(2).mean().sqrt()
-    gain = target / out.pow(2).mean().sqrt()
+    gain = target / proj(h).pow(2).mean().sqrt()
     proj.linear_2.weight.mul_(gain)
     proj.linear_2.bias.mul_(gain)
-    log.info("projector init: vision feature RMS %.2f -> image token RMS %.4f (text embedding RMS %.4f)",
-             feats.pow(2).mean().sqrt(), proj(h).pow(2).mean().sqrt(), target)
+    log.info("projector init: image token RMS %.4f = text embedding RMS", proj(h).pow(2).mean().sqrt())
+
+
+def caption_items(data: dict, prompt: str) -> list[Item]:
+    """COCO-captions-format training items: the neutral prompt answered by a positional caption.
+
+    As LLaVA's alignment data are captions: every object's row and column must be read from the
+    patch the caption names, a dense grounding signal next to the ~1 bit of a yes/no answer.
+    """
+    v = data["vqav2"]
+    subtype = v["subtypes"]["train"]
+    doc = json.loads((Path(data["coco"]["root"]) / f"captions_{subtype}.json").read_text())
+    return [Item(-a["image_id"], Path(v["images"]) / subtype / v["image_pattern"].format(subtype=subtype,
+                 image_id=a["image_id"]), f"<image> {prompt}", a["caption"], (a["caption"],), "caption",
+                 "other", "train") for a in doc["annotations"]]
 
 
 def train_toy_vlm(base_lm: str | Path, data: dict, prompts: dict, keywords: dict, out: str | Path,
@@ -160,6 +169,8 @@ def train_toy_vlm(base_lm: str | Path, data: dict, prompts: dict, keywords: dict
     seed_everything(seed)
     model, processor = build_vlm(base_lm, cfg, image_size)
     items = vqa_items(data, "train", prompts, keywords) + vsr_items(data, "train", prompts)
+    if cfg["captions"]:
+        items += caption_items(data, json.loads(Path(data["neutral_prompts"]).read_text())[0])
     encoded = encode_training_items(processor, items)
     log.info("visual instruction tuning on %d items", len(encoded))
     gen = torch.Generator().manual_seed(seed)
