@@ -98,42 +98,32 @@ def cmd_cache(a) -> None:
                       {**c, "pad_to_square": p["model"]["pad_to_square"]}, attrs, device)
 
 
+# subcommand: (function, help, options); an option is a name or (name, argparse kwargs)
+COMMANDS = {
+    "check-config": (cmd_check_config, "validate a config file and print a summary", [("config", {})]),
+    "toy-data": (cmd_toy_data, "generate the toy images and VQAv2/VSR/COCO files", ["--params", "--out"]),
+    "toy-base-lm": (cmd_toy_base_lm, "train the toy base LM (text only) and its tokenizer",
+                    ["--params", "--data", "--out"]),
+    "toy-base-sae": (cmd_toy_base_sae, "train one layer's base TopK SAE, Llama Scope layout",
+                     ["--params", "--data", "--base-lm", ("--layer", {"type": int, "required": True}), "--out"]),
+    "toy-vlm": (cmd_toy_vlm, "visual-instruction-tune the toy LLaVA from the base LM",
+                ["--params", "--base-lm", "--out"]),
+    "vlm-accuracy": (cmd_vlm_accuracy, "held-out VLM accuracy per question family (Parquet)", ["--params", "--out"]),
+    "cache": (cmd_cache, "cache residual activations of a layer group to Zarr (one forward)",
+              ["--params", ("--layers", {"type": int, "nargs": "+", "required": True}),
+               ("--out", {"nargs": "+", "required": True, "help": "one store path per layer, same order"})]),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="stagediff", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-
-    def add(name, fn, help_):
+    for name, (fn, help_, options) in COMMANDS.items():
         s = sub.add_parser(name, help=help_)
         s.set_defaults(fn=fn)
-        return s
-
-    s = add("check-config", cmd_check_config, "validate a config file and print a summary")
-    s.add_argument("config")
-    for name, fn, help_ in (("toy-data", cmd_toy_data, "generate the toy images, VQAv2/VSR/COCO files"),):
-        s = add(name, fn, help_)
-        s.add_argument("--params", required=True)
-        s.add_argument("--out", required=True)
-    s = add("toy-base-lm", cmd_toy_base_lm, "train the toy base LM (text only) and its tokenizer")
-    s.add_argument("--params", required=True)
-    s.add_argument("--data", required=True)
-    s.add_argument("--out", required=True)
-    s = add("toy-base-sae", cmd_toy_base_sae, "train one layer's base TopK SAE, Llama Scope layout")
-    s.add_argument("--params", required=True)
-    s.add_argument("--data", required=True)
-    s.add_argument("--base-lm", required=True)
-    s.add_argument("--layer", type=int, required=True)
-    s.add_argument("--out", required=True)
-    s = add("toy-vlm", cmd_toy_vlm, "visual-instruction-tune the toy LLaVA from the base LM")
-    s.add_argument("--params", required=True)
-    s.add_argument("--base-lm", required=True)
-    s.add_argument("--out", required=True)
-    s = add("vlm-accuracy", cmd_vlm_accuracy, "held-out VLM accuracy per question family (Parquet)")
-    s.add_argument("--params", required=True)
-    s.add_argument("--out", required=True)
-    s = add("cache", cmd_cache, "cache residual activations of a layer group to Zarr (one forward)")
-    s.add_argument("--params", required=True)
-    s.add_argument("--layers", type=int, nargs="+", required=True)
-    s.add_argument("--out", nargs="+", required=True, help="one store path per layer, same order")
+        for opt in options:
+            opt_name, kw = opt if isinstance(opt, tuple) else (opt, {"required": True})
+            s.add_argument(opt_name, **kw)
 
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
