@@ -48,7 +48,6 @@ def main() -> None:
     batches = list(iter_batches(processor, items, c["batch_size"]))
     layers = list(range(model.config.text_config.num_hidden_layers))
     n_tok = sum(int(b["attention_mask"].sum()) for _, b in batches)
-    torch.set_num_threads(torch.get_num_threads())
 
     def bare():
         with torch.no_grad():

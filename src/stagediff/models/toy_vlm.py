@@ -97,15 +97,24 @@ def patch_labels(coco_file: str | Path, image_size: int, patch: int) -> tuple[di
     return labels, len(doc["categories"]) + 1
 
 
-def pretrain_vision(model, processor, data: dict, cfg: dict, image_size: int, gen: torch.Generator) -> None:
-    """Stage 0: per-patch object class, row and column from the tower's selected layer."""
+def _train_image_path(data: dict, image_id: int) -> Path:
     v = data["vqav2"]
     subtype = v["subtypes"]["train"]
+    return Path(v["images"]) / subtype / v["image_pattern"].format(subtype=subtype, image_id=image_id)
+
+
+def pretrain_vision(model, processor, data: dict, cfg: dict, image_size: int,
+                    gen: torch.Generator) -> torch.Tensor:
+    """Stage 0: per-patch object class, row and column from the tower's selected layer.
+
+    Returns the train images' pixel values, which the projector init reuses.
+    """
+    subtype = data["vqav2"]["subtypes"]["train"]
     labels, n_cls = patch_labels(Path(data["coco"]["root"]) / f"instances_{subtype}.json", image_size,
                                  cfg["vision"]["patch_size"])
     ids = sorted(labels)
-    paths = [Path(v["images"]) / subtype / v["image_pattern"].format(subtype=subtype, image_id=i) for i in ids]
-    pixels = processor.image_processor([load_image(p) for p in paths], return_tensors="pt")["pixel_values"]
+    pixels = processor.image_processor([load_image(_train_image_path(data, i)) for i in ids],
+                                       return_tensors="pt")["pixel_values"]
     y = torch.stack([labels[i] for i in ids])
     side = image_size // cfg["vision"]["patch_size"]
     pos = torch.arange(side * side)
@@ -125,7 +134,7 @@ def pretrain_vision(model, processor, data: dict, cfg: dict, image_size: int, ge
         opt.step()
         if step % max(1, cfg["vision_steps"] // 5) == 0 or step == cfg["vision_steps"] - 1:
             log.info("vision pretraining step %d/%d loss %.4f", step + 1, cfg["vision_steps"], loss.item())
-    init_projector(model, pixels[: 4 * cfg["batch_size"]])
+    return pixels
 
 
 @torch.no_grad()
@@ -156,12 +165,10 @@ def caption_items(data: dict, prompt: str) -> list[Item]:
     As LLaVA's alignment data are captions: every object's row and column must be read from the
     patch the caption names, a dense grounding signal next to the ~1 bit of a yes/no answer.
     """
-    v = data["vqav2"]
-    subtype = v["subtypes"]["train"]
+    subtype = data["vqav2"]["subtypes"]["train"]
     doc = json.loads((Path(data["coco"]["root"]) / f"captions_{subtype}.json").read_text())
-    return [Item(-a["image_id"], Path(v["images"]) / subtype / v["image_pattern"].format(subtype=subtype,
-                 image_id=a["image_id"]), f"<image> {prompt}", a["caption"], (a["caption"],), "caption",
-                 "other", "train") for a in doc["annotations"]]
+    return [Item(-a["image_id"], _train_image_path(data, a["image_id"]), f"<image> {prompt}", a["caption"],
+                 (a["caption"],), "caption", "other", "train") for a in doc["annotations"]]
 
 
 def train_toy_vlm(base_lm: str | Path, data: dict, prompts: dict, keywords: dict, out: str | Path,
@@ -180,7 +187,8 @@ def train_toy_vlm(base_lm: str | Path, data: dict, prompts: dict, keywords: dict
         idx = torch.randint(len(encoded), (cfg["batch_size"],), generator=gen).tolist()
         return collate([encoded[i] for i in idx], pad)
 
-    pretrain_vision(model, processor, data, cfg, image_size, gen)
+    pixels = pretrain_vision(model, processor, data, cfg, image_size, gen)
+    init_projector(model, pixels[: 4 * cfg["batch_size"]])
     frozen = [p for n, p in model.named_parameters() if not n.startswith("model.multi_modal_projector")]
     for p in frozen:
         p.requires_grad_(False)
