@@ -70,3 +70,15 @@ def test_snakemake_stops_at_parse_time_with_the_message(workdir):
     assert r.returncode != 0
     assert "cache.dtype" in r.stdout + r.stderr
     assert not (workdir / "results").exists()
+
+
+def test_sae_finetune_errors_name_the_key():
+    cfg = tiny_config()
+    cfg["sae_finetune"]["regimes"] = ["full", "video"]
+    assert "sae_finetune.regimes.1" in _err(cfg)
+    cfg = tiny_config()
+    cfg["sae_finetune"]["lr_layer_scale"] = {7: 0.5}
+    assert "sae_finetune.lr_layer_scale.7" in _err(cfg)
+    cfg = tiny_config()
+    del cfg["sae_finetune"]["top_k"]
+    assert "sae_finetune" in _err(cfg) and "top_k" in _err(cfg)

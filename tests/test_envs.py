@@ -21,8 +21,9 @@ def _pins(lines) -> dict[str, str]:
 
 def test_requirements_pin_every_dependency_within_pyproject_ranges():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    for deps, req_file in ((project["dependencies"], "requirements.txt"),
-                           (project["optional-dependencies"]["test"], "requirements-test.txt")):
+    sets = [(project["dependencies"], "requirements.txt")]
+    sets += [(deps, f"requirements-{extra}.txt") for extra, deps in project["optional-dependencies"].items()]
+    for deps, req_file in sets:
         pins = _pins((REPO / "envs" / req_file).read_text().splitlines())
         declared = {Requirement(d).name.lower(): Requirement(d) for d in deps}
         assert set(pins) == set(declared), f"envs/{req_file} vs pyproject: {set(pins) ^ set(declared)}"

@@ -123,3 +123,17 @@ def test_question_family_keywords():
 ])
 def test_vqa_accuracy_official_formula(pred, answers, expected):
     assert vqa_accuracy(pred, answers) == pytest.approx(expected)
+
+
+def test_patch_labels_name_the_object_or_sign_word_under_each_patch(tmp_path):
+    from stagediff.models.toy_vlm import patch_labels
+
+    cats = [{"id": 1, "name": "red circle"}, {"id": 2, "name": "sign"}]
+    doc = {"images": [{"id": 7}], "categories": cats, "annotations": [
+        {"image_id": 7, "category_id": 1, "bbox": [0, 0, 8, 8], "attributes": {"word": None}},
+        {"image_id": 7, "category_id": 2, "bbox": [16, 8, 8, 8], "attributes": {"word": "exit"}}]}
+    (tmp_path / "c.json").write_text(json.dumps(doc))
+    labels, n_cls = patch_labels(tmp_path / "c.json", image_size=24, patch=8)
+    exit_cls = len(cats) + 1 + list(ts.GLYPHS).index("exit")
+    assert labels[7].view(3, 3).tolist() == [[1, 0, 0], [0, 0, exit_cls], [0, 0, 0]]
+    assert n_cls == len(cats) + 1 + len(ts.GLYPHS)

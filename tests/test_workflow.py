@@ -33,6 +33,12 @@ def test_end_to_end_then_only_the_changed_layer_is_stale(workdir):
         store = ActivationStore(res / "activations" / "vqav2" / f"L{layer}.zarr")
         assert store.n_tokens("text") > 0 and store.n_tokens("image") > 0
         assert (res / "world" / "llama_scope" / f"L{layer}R-8x" / "checkpoints" / "final.safetensors").is_file()
+    fvu = pd.read_parquet(res / "tables" / "sae_fvu.parquet")
+    assert len(fvu) == 2 * 5 * 3  # layers x (base + 4 regimes) x (text, image, all)
+    assert set(fvu.regime) == {"base", "full", "image", "text", "random"}
+    for name in ("fig1_fvu", "fig6_fvu_per_layer"):
+        assert (res / "figures" / "sae_fvu" / f"{name}.png").stat().st_size > 0
+        assert (res / "figures" / "sae_fvu" / f"{name}.pdf").stat().st_size > 0
     assert set(summary(workdir).values()) == {"no update"}
 
     cfg_path = workdir / ".test" / "config.yaml"
@@ -40,9 +46,18 @@ def test_end_to_end_then_only_the_changed_layer_is_stale(workdir):
     cfg["toy"]["base_sae"]["overrides"] = {"1": {"top_k": 2}}
     cfg_path.write_text(yaml.safe_dump(cfg))
     stale = {f for f, plan in summary(workdir).items() if plan != "no update"}
-    assert stale == {"results/tiny/world/llama_scope/L1R-8x"}
+    layer1 = {"results/tiny/sae_eval/L1.parquet", "results/tiny/tables/sae_fvu.parquet",
+              "results/tiny/figures/sae_fvu"} | {f"results/tiny/saes/L1/{r}" for r in ("full", "image", "text", "random")}
+    assert stale == {"results/tiny/world/llama_scope/L1R-8x"} | layer1
 
-    # rerunning touches exactly that job
+    # rerunning touches exactly those jobs: nothing of layer 0, no cache, no VLM
     out = run_smk("--cores", "2", *CFG, cwd=workdir).stderr
     assert "toy_base_sae" in out and "cache_activations" not in out and "toy_vlm" not in out
+    assert "layer=1" in out and "layer=0" not in out
     assert set(summary(workdir).values()) == {"no update"}
+
+    # one layer's learning-rate factor: only that layer's SAEs (and what reads them) rerun
+    cfg["sae_finetune"]["lr_layer_scale"] = {"1": 0.5}
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    stale = {f for f, plan in summary(workdir).items() if plan != "no update"}
+    assert stale == layer1

@@ -54,7 +54,7 @@ def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
 
 
 class _ShardedColumn:
-    """A 1-D or 2-D Zarr array grown by whole shards from an in-memory buffer."""
+    """A 1-D or 2-D Zarr array grown by whole shards from a preallocated shard buffer."""
 
     def __init__(self, group, name: str, width: int | None, dtype, chunk_rows: int, shard_rows: int):
         shape, chunks, shards = (0,), (chunk_rows,), (shard_rows,)
@@ -63,27 +63,23 @@ class _ShardedColumn:
         # write_empty_chunks: skip Zarr's scan for all-fill chunks (activations never are); 2x faster
         self.array = group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
                                         compressors=None, fill_value=0, config={"write_empty_chunks": True})
-        self.shard_rows, self.parts, self.n = shard_rows, [], 0
+        self.buf = np.empty((shard_rows, *shape[1:]), dtype=dtype)  # rows are copied once, here
+        self.n = 0
 
     def add(self, rows: np.ndarray) -> None:
-        self.parts.append(rows)
-        self.n += len(rows)
-        if self.n >= self.shard_rows:
-            self._flush(final=False)
-
-    def _flush(self, final: bool) -> None:
-        data = np.concatenate(self.parts) if self.parts else None
-        self.parts, self.n = [], 0
-        if data is None:
-            return
-        whole = len(data) if final else len(data) - len(data) % self.shard_rows
-        if whole:
-            self.array.append(data[:whole], axis=0)
-        if whole < len(data):
-            self.parts, self.n = [data[whole:]], len(data) - whole
+        i = 0
+        while i < len(rows):
+            take = min(len(self.buf) - self.n, len(rows) - i)
+            self.buf[self.n : self.n + take] = rows[i : i + take]
+            self.n, i = self.n + take, i + take
+            if self.n == len(self.buf):
+                self.array.append(self.buf, axis=0)
+                self.n = 0
 
     def close(self) -> None:
-        self._flush(final=True)
+        if self.n:
+            self.array.append(self.buf[: self.n], axis=0)
+            self.n = 0
 
 
 class LayerStoreWriter:
@@ -185,12 +181,31 @@ class ActivationStore:
         self.group = zarr.open_group(self.path, mode="r")
         self.attrs = dict(self.group.attrs)
         self.summary = json.loads((self.path / MARKER).read_text())
+        self._arrays: dict = {}
+
+    def array(self, modality: str, name: str = "acts"):
+        """The Zarr array (opened once: each open reads its metadata from disk)."""
+        key = (modality, name)
+        if key not in self._arrays:
+            self._arrays[key] = self.group[modality][name]
+        return self._arrays[key]
 
     def n_tokens(self, modality: str) -> int:
-        return self.group[modality]["acts"].shape[0]
+        return self.array(modality).shape[0]
 
     def acts(self, modality: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        return from_storage(self.group[modality]["acts"][start:stop], self.attrs["dtype"])
+        return from_storage(self.array(modality)[start:stop], self.attrs["dtype"])
 
     def meta(self, modality: str, name: str) -> np.ndarray:
-        return self.group[modality][name][:]
+        return self.array(modality, name)[:]
+
+    def split_rows(self, modality: str, split: str) -> tuple[int, int]:
+        """[start, stop) of one data split's rows; the cache writes splits one after another."""
+        codes = self.meta(modality, "split")
+        where = np.flatnonzero(codes == SPLIT_CODES[split])
+        if len(where) == 0:
+            return 0, 0
+        start, stop = int(where[0]), int(where[-1]) + 1
+        if stop - start != len(where):
+            raise RuntimeError(f"{self.path}: {modality} rows of split {split!r} are not contiguous")
+        return start, stop

@@ -98,6 +98,36 @@ def cmd_cache(a) -> None:
                       {**c, "pad_to_square": p["model"]["pad_to_square"]}, attrs, device)
 
 
+def cmd_sae_finetune(a) -> None:
+    from stagediff.sae.finetune import finetune_sae
+
+    p = _params(a.params)
+    finetune_sae(a.cache, a.base_sae, a.regime, a.layer, a.out, a.checkpoint_dir, p["sae_finetune"], p["seed"])
+
+
+def cmd_sae_evaluate(a) -> None:
+    from stagediff.io import write_parquet
+    from stagediff.sae.evaluate import evaluate_layer
+
+    p = _params(a.params)
+    regimes = dict(zip(p["sae_finetune"]["regimes"], a.saes))
+    write_parquet(evaluate_layer(a.cache, a.layer, a.base_sae, p["sae_finetune"]["top_k"], regimes), a.out)
+
+
+def cmd_concat_tables(a) -> None:
+    import pandas as pd
+
+    from stagediff.io import write_parquet
+
+    write_parquet(pd.concat([pd.read_parquet(t) for t in a.tables], ignore_index=True), a.out)
+
+
+def cmd_sae_figures(a) -> None:
+    from stagediff.figures.fvu import fvu_figures
+
+    fvu_figures(a.table, a.curves, a.out_dir)
+
+
 # subcommand: (function, help, options); an option is a name or (name, argparse kwargs)
 COMMANDS = {
     "check-config": (cmd_check_config, "validate a config file and print a summary", [("config", {})]),
@@ -112,6 +142,17 @@ COMMANDS = {
     "cache": (cmd_cache, "cache residual activations of a layer group to Zarr (one forward)",
               ["--params", ("--layers", {"type": int, "nargs": "+", "required": True}),
                ("--out", {"nargs": "+", "required": True, "help": "one store path per layer, same order"})]),
+    "sae-finetune": (cmd_sae_finetune, "warm-start (or randomly init) one layer's SAE under one regime",
+                     ["--params", "--cache", "--base-sae", ("--layer", {"type": int, "required": True}),
+                      ("--regime", {"required": True}), "--checkpoint-dir", "--out"]),
+    "sae-evaluate": (cmd_sae_evaluate, "held-out FVU/L0/dead per regime x modality for one layer (Parquet)",
+                     ["--params", "--cache", "--base-sae", ("--layer", {"type": int, "required": True}),
+                      ("--saes", {"nargs": "+", "required": True, "help": "one SAE folder per regime, config order"}),
+                      "--out"]),
+    "concat-tables": (cmd_concat_tables, "stack per-layer Parquet tables into one",
+                      [("tables", {"nargs": "+"}), "--out"]),
+    "sae-figures": (cmd_sae_figures, "Fig 1 and Fig 6 (PNG + PDF) and the FVU summary table",
+                    ["--table", ("--curves", {"nargs": "+", "required": True}), "--out-dir"]),
 }
 
 

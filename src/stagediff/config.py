@@ -72,6 +72,8 @@ def _normalise_overrides(config: dict) -> None:
     """Per-layer override keys may be written 2 or "2" in YAML; store them as strings."""
     for section in _override_sections(config):
         section["overrides"] = {str(k): v for k, v in section.get("overrides", {}).items()}
+    scale = config["sae_finetune"]["lr_layer_scale"]
+    config["sae_finetune"]["lr_layer_scale"] = {str(k): v for k, v in scale.items()}
 
 
 def _override_sections(config: dict):
@@ -97,6 +99,10 @@ def _check_layers(config: dict, source: str) -> None:
         for k in lay["overrides"]:
             if int(k) not in config["layers"]:
                 raise ConfigError(f"{source}: per-layer override for layer {k} but layers = {config['layers']}")
+    for k in config["sae_finetune"]["lr_layer_scale"]:
+        if int(k) not in config["layers"]:
+            raise ConfigError(f"{source}: config key sae_finetune.lr_layer_scale.{k}: layer {k} is not in "
+                              f"layers = {config['layers']}")
 
 
 def _check_toy(toy: dict, source: str) -> None:

@@ -11,8 +11,12 @@ TOY = "toy" in config
 ENV = "../../envs/stagediff.yaml"
 
 
+REGIMES = config["sae_finetune"]["regimes"]
+
+
 wildcard_constraints:
     layer=r"\d+",
+    regime="|".join(REGIMES),
 
 
 def params_json(*keys, **extra):
@@ -32,6 +36,18 @@ def cache_path(layer):
     return f"{OUT}/activations/{config['cache']['dataset']}/L{layer}.zarr"
 
 
+def sae_path(layer, regime):
+    return f"{OUT}/saes/L{layer}/{regime}"
+
+
+def sae_finetune_params(wildcards):
+    """The SAE settings with only this layer's learning-rate factor (one layer stale, not all)."""
+    sae = dict(config["sae_finetune"])
+    scale = sae.pop("lr_layer_scale")
+    sae["lr_layer_scale"] = {wildcards.layer: scale[wildcards.layer]} if wildcards.layer in scale else {}
+    return sdc.dumps({"seed": config["seed"], "sae_finetune": sae})
+
+
 def world_inputs():
     """What a model-running job needs: the VLM and the data (generated in the toy world)."""
     if TOY:
@@ -43,6 +59,7 @@ def world_inputs():
 def all_targets():
     targets = [f"{OUT}/tables/vlm_accuracy.parquet"]
     targets += [cache_path(layer) for layer in LAYERS]
+    targets += [f"{OUT}/tables/sae_fvu.parquet", f"{OUT}/figures/sae_fvu"]
     if TOY:
         targets += [config["base_sae"]["path"].format(layer=layer) for layer in LAYERS]
     return targets

@@ -20,8 +20,9 @@ from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaForCausalLM, Lla
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from stagediff.data.items import Item, vqa_items, vsr_items
+from stagediff.data.toy_scenes import GLYPHS
 from stagediff.io import atomic_dir
-from stagediff.models.train import train_loop
+from stagediff.models.train import item_mean_loss, train_loop
 from stagediff.models.vlm import chat_prompt, encode_batch, load_image
 from stagediff.seed import seed_everything
 
@@ -83,18 +84,24 @@ def collate(examples: list[dict], pad_id: int) -> dict:
 
 
 def patch_labels(coco_file: str | Path, image_size: int, patch: int) -> tuple[dict[int, torch.Tensor], int]:
-    """Per image: [n_patches] object class (0 = background) of the object covering each patch centre."""
+    """Per image: [n_patches] class (0 = background) of the object covering each patch centre.
+
+    A sign's class is its word, not just "sign": CLIP can read text, and a tower that never had
+    to tell glyphs apart gives the LM nothing to answer OCR questions with.
+    """
     doc = json.loads(Path(coco_file).read_text())
     side = image_size // patch
+    words = {w: len(doc["categories"]) + 1 + i for i, w in enumerate(GLYPHS)}
     labels = {im["id"]: torch.zeros(side * side, dtype=torch.long) for im in doc["images"]}
     centres = (torch.arange(side) * patch + patch / 2)
     for a in doc["annotations"]:
         x, y, w, h = a["bbox"]
         cols = ((centres >= x) & (centres < x + w)).nonzero().flatten()
         rows = ((centres >= y) & (centres < y + h)).nonzero().flatten()
+        word = a.get("attributes", {}).get("word")
         for r in rows.tolist():
-            labels[a["image_id"]][r * side + cols] = a["category_id"]
-    return labels, len(doc["categories"]) + 1
+            labels[a["image_id"]][r * side + cols] = words[word] if word else a["category_id"]
+    return labels, len(doc["categories"]) + 1 + len(words)
 
 
 def _train_image_path(data: dict, image_id: int) -> Path:
@@ -159,7 +166,7 @@ def init_projector(model, pixels: torch.Tensor) -> None:
     log.info("projector init: image token RMS %.4f = text embedding RMS", proj(h).pow(2).mean().sqrt())
 
 
-def caption_items(data: dict, prompt: str) -> list[Item]:
+def caption_items(data: dict, user_text: str) -> list[Item]:
     """COCO-captions-format training items: the neutral prompt answered by a positional caption.
 
     As LLaVA's alignment data are captions: every object's row and column must be read from the
@@ -167,7 +174,7 @@ def caption_items(data: dict, prompt: str) -> list[Item]:
     """
     subtype = data["vqav2"]["subtypes"]["train"]
     doc = json.loads((Path(data["coco"]["root"]) / f"captions_{subtype}.json").read_text())
-    return [Item(-a["image_id"], _train_image_path(data, a["image_id"]), f"<image> {prompt}", a["caption"],
+    return [Item(-a["image_id"], _train_image_path(data, a["image_id"]), user_text, a["caption"],
                  (a["caption"],), "caption", "other", "train") for a in doc["annotations"]]
 
 
@@ -177,7 +184,8 @@ def train_toy_vlm(base_lm: str | Path, data: dict, prompts: dict, keywords: dict
     model, processor = build_vlm(base_lm, cfg, image_size)
     items = vqa_items(data, "train", prompts, keywords) + vsr_items(data, "train", prompts)
     if cfg["captions"]:
-        items += caption_items(data, json.loads(Path(data["neutral_prompts"]).read_text())[0])
+        neutral = json.loads(Path(data["neutral_prompts"]).read_text())[0]
+        items += caption_items(data, prompts["neutral"].format(prompt=neutral))
     encoded = encode_training_items(processor, items)
     log.info("visual instruction tuning on %d items", len(encoded))
     gen = torch.Generator().manual_seed(seed)
@@ -189,14 +197,16 @@ def train_toy_vlm(base_lm: str | Path, data: dict, prompts: dict, keywords: dict
 
     pixels = pretrain_vision(model, processor, data, cfg, image_size, gen)
     init_projector(model, pixels[: 4 * cfg["batch_size"]])
-    frozen = [p for n, p in model.named_parameters() if not n.startswith("model.multi_modal_projector")]
-    for p in frozen:
-        p.requires_grad_(False)
-    train_loop(model, batch, steps=cfg["align_steps"], lr=cfg["lr"], name="toy_vlm feature alignment")
-    for p in frozen:
-        p.requires_grad_(True)
+    # As LLaVA: the vision tower stays frozen after its pretraining (tuning it with the LM on
+    # ~1-bit answers erases the object identity it learned); stage 1 trains the projector only.
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith("model.multi_modal_projector"))
+    train_loop(model, batch, steps=cfg["align_steps"], lr=cfg["lr"], name="toy_vlm feature alignment",
+               loss_fn=item_mean_loss)
+    for n, p in model.named_parameters():
+        p.requires_grad_(not n.startswith("model.vision_tower"))
     train_loop(model, batch, steps=cfg["steps"], lr=cfg["lr"], name="toy_vlm instruction tuning",
-               param_lrs={"model.language_model": cfg["lm_lr"], "lm_head": cfg["lm_lr"]})
+               param_lrs={"model.language_model": cfg["lm_lr"], "lm_head": cfg["lm_lr"]}, loss_fn=item_mean_loss)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)

@@ -11,9 +11,23 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def item_mean_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Next-token loss averaged per item, then over items.
+
+    HF's loss averages over all label tokens, so a 30-token caption outweighs a one-word answer
+    30 to 1; here every item counts the same.
+    """
+    labels = batch["labels"][:, 1:]
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    mask = labels != -100
+    return ((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+
 def train_loop(model: torch.nn.Module, batch_fn: Callable[[int], dict], steps: int, lr: float,
                name: str, weight_decay: float = 0.01, warmup: int = 50,
-               param_lrs: dict[str, float] | None = None) -> list[float]:
+               param_lrs: dict[str, float] | None = None,
+               loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None) -> list[float]:
     """Train ``model`` on ``batch_fn(step)`` (HF-style kwargs with ``labels``); returns losses.
 
     ``param_lrs`` maps a parameter-name prefix to its own learning rate, e.g. a smaller one for
@@ -34,7 +48,8 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable[[int], dict], steps: i
         f = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for g, b in zip(opt.param_groups, base):
             g["lr"] = b * f
-        loss = model(**batch_fn(step)).loss
+        batch = batch_fn(step)
+        loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -36,7 +36,7 @@ def save_llama_scope(sae: TopKSAE, folder: str | Path, layer: int, lm_config: di
     avg_norm = math.sqrt(sae.d_model) / float(sae.scale)
     (folder / WEIGHTS).parent.mkdir(parents=True, exist_ok=True)
     save_file({"encoder.weight": sae.W_enc.detach().contiguous(), "encoder.bias": sae.b_enc.detach().contiguous(),
-               "decoder.weight": sae.W_dec.detach().contiguous(), "decoder.bias": sae.b_dec.detach().contiguous()},
+               "decoder.weight": sae.W_dec.detach().T.contiguous(), "decoder.bias": sae.b_dec.detach().contiguous()},
               folder / WEIGHTS)
     (folder / "hyperparams.json").write_text(json.dumps(hyperparams(sae, layer, avg_norm), indent=2))
     (folder / "lm_config.json").write_text(json.dumps(lm_config, indent=2))
@@ -66,6 +66,6 @@ def load_llama_scope(folder: str | Path, k: int | None = None, dtype: torch.dtyp
     with torch.no_grad():
         sae.W_enc.copy_(w["encoder.weight"])
         sae.b_enc.copy_(w["encoder.bias"])
-        sae.W_dec.copy_(w["decoder.weight"])
+        sae.W_dec.copy_(w["decoder.weight"].T)
         sae.b_dec.copy_(w["decoder.bias"])
     return sae.to(dtype)

@@ -52,8 +52,7 @@ def train_base_sae(base_lm: str | Path, corpus: str | Path, layer: int, out: str
     opt = torch.optim.Adam(sae.parameters(), lr=cfg["lr"], betas=(0.9, 0.9999))
     for step in range(cfg["steps"]):
         xb = x[torch.randint(len(x), (cfg["batch_size"],), generator=gen)]
-        err = (sae(xb) - xb) * sae.scale  # loss in the normalised space, as Llama Scope trains
-        loss = err.pow(2).sum(-1).mean()
+        loss = sae.normalised_mse(xb)  # in the normalised space, as Llama Scope trains
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,0 +1,189 @@
+"""Warm-start a base TopK SAE on the VLM's cached activations under one regime (paper §4.1).
+
+Regimes decide which token spans give the training signal (the SAE is per-token, so masking
+the loss to a span is reading only that span's rows):
+
+    full    all tokens (text and image), warm start from the base SAE
+    image   image tokens only, warm start
+    text    text tokens only, warm start (reads only the text arrays of the cache)
+    random  all tokens, same architecture from a random init (the control)
+
+The base SAE's input scale s is kept in every regime, never re-estimated on the new data, so
+the four SAEs and the base one live in the same normalised space and can be diffed.
+
+Checkpoints (SAE, Adam state, dead-latent clocks, curve so far, step = data position) are
+written atomically every ``checkpoint_every`` steps outside the job's output; a rerun after a
+kill resumes from the last one and ends with the same weights as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import save_file
+
+from stagediff.cache import ActivationStore, config_hash
+from stagediff.io import atomic_dir
+from stagediff.sae.llama_scope import load_llama_scope
+from stagediff.sae.metrics import evaluate
+from stagediff.sae.saelens import save_saelens
+from stagediff.sae.stream import Block, TokenStream, read_blocks, split_blocks
+from stagediff.sae.topk import TopKSAE
+from stagediff.seed import seed_everything
+
+log = logging.getLogger(__name__)
+REGIMES = {"full": ("text", "image"), "image": ("image",), "text": ("text",), "random": ("text", "image")}
+REGIME_SEEDS = {r: i for i, r in enumerate(REGIMES)}
+CHECKPOINT = "state.pt"
+
+
+def layer_lr(cfg: dict, layer: int) -> float:
+    """The paper's layer-scaled learning rate: lr × the layer's factor (default 1)."""
+    return cfg["lr"] * cfg["lr_layer_scale"].get(str(layer), 1.0)
+
+
+def initial_sae(base_sae: str | Path, regime: str, k: int, gen: torch.Generator,
+                first: torch.Tensor | None) -> TopKSAE:
+    base = load_llama_scope(base_sae, k=k)
+    if regime != "random":
+        return base
+    sae = TopKSAE.random_init(base.d_model, base.d_sae, k, float(base.scale), generator=gen,
+                              rank_by_decoder_norm=base.rank_by_decoder_norm)
+    with torch.no_grad():  # as any SAE init: decoder bias at the data mean (normalised space)
+        sae.b_dec.copy_(first.mean(0) * sae.scale)
+    return sae
+
+
+def heldout_batches(store: ActivationStore, modalities: tuple[str, ...], max_tokens: int | None,
+                    batch_size: int = 4096):
+    """The val split of ``modalities`` in order; at most ``max_tokens`` (spread over modalities)."""
+    blocks = split_blocks(store, modalities, "val", store.array(modalities[0]).chunks[0])
+    total = sum(b.stop - b.start for b in blocks)
+    frac = 1.0 if max_tokens is None else min(1.0, max_tokens / total)
+    for b in blocks:
+        n = math.ceil((b.stop - b.start) * frac)
+        x = read_blocks(store, [Block(b.modality, b.start, b.start + n)])
+        yield from x.split(batch_size)
+
+
+def finetune_sae(store_path: str | Path, base_sae: str | Path, regime: str, layer: int, out: str | Path,
+                 checkpoint_dir: str | Path, cfg: dict, seed: int) -> None:
+    if regime not in REGIMES:
+        raise ValueError(f"unknown regime {regime!r}; expected one of {list(REGIMES)}")
+    run_seed = (seed, layer, REGIME_SEEDS[regime])
+    seed_everything(seed)
+    store = ActivationStore(store_path)
+    modalities = REGIMES[regime]
+    stream = TokenStream(store, modalities, cfg["batch_size"], cfg["buffer_tokens"], seed=run_seed)
+    steps = cfg["tokens"] // cfg["batch_size"]
+    # its own seed stream: a random init must not repeat the base SAE's (seeded by seed + layer)
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence(run_seed).generate_state(1)[0]))
+    sae = initial_sae(base_sae, regime, cfg["top_k"], gen,
+                      next(stream.batches(0)) if regime == "random" else None)
+    lr = layer_lr(cfg, layer)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=tuple(cfg["betas"]), fused=True)
+    fingerprint = config_hash({"cfg": cfg, "seed": seed, "layer": layer, "regime": regime,
+                               "base": str(base_sae), "store": store.attrs.get("config_hash")})
+    ckpt = Path(checkpoint_dir) / CHECKPOINT
+    state = _load_checkpoint(ckpt, fingerprint)
+    last_fired = torch.zeros(sae.d_sae, dtype=torch.long)  # tokens seen when each latent last fired
+    curve: list[dict] = []
+    start, sum_loss, n_loss = 0, 0.0, 0
+    if state is not None:
+        sae.load_state_dict(state["sae"])
+        opt.load_state_dict(state["opt"])
+        last_fired, curve, start = state["last_fired"], state["curve"], state["step"]
+        sum_loss, n_loss = state["sum_loss"], state["n_loss"]
+        log.info("resuming %s L%d at step %d/%d (epoch, buffer, batch = %s)", regime, layer, start, steps,
+                 stream.position(start))
+    heldout = list(heldout_batches(store, modalities, cfg["curve_eval_tokens"]))
+    if not curve:
+        curve.append(_curve_row(sae, heldout, 0, float("nan"), last_fired, 0, cfg))
+    t0 = time.time()
+    batches = stream.batches(start)
+    for step in range(start, steps):
+        x = next(batches)
+        v, i = sae.encode(x)
+        loss = sae.normalised_mse(x, sae.decode(v, i))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        tokens = (step + 1) * cfg["batch_size"]
+        last_fired[i[v > 0]] = tokens
+        sum_loss, n_loss = sum_loss + loss.item(), n_loss + 1
+        if (step + 1) % cfg["log_every"] == 0 or step + 1 == steps:
+            curve.append(_curve_row(sae, heldout, tokens, sum_loss / n_loss, last_fired, step + 1, cfg))
+            sum_loss, n_loss = 0.0, 0
+            r = curve[-1]
+            log.info("%s L%d step %d/%d loss %.4f held-out FVU %.4f dead %.3f (%.0f tokens/s)", regime, layer,
+                     step + 1, steps, r["loss"], r["fvu"], r["dead_fraction"],
+                     (tokens - start * cfg["batch_size"]) / max(time.time() - t0, 1e-9))
+        if (step + 1) % cfg["checkpoint_every"] == 0 and step + 1 < steps:
+            _save_checkpoint(ckpt, {"step": step + 1, "sae": sae.state_dict(), "opt": opt.state_dict(),
+                                    "last_fired": last_fired, "curve": curve, "sum_loss": sum_loss,
+                                    "n_loss": n_loss, "fingerprint": fingerprint})
+    meta = {"layer": layer, "regime": regime, "base_sae": str(base_sae), "store": str(store_path),
+            "d_model": sae.d_model, "d_sae": sae.d_sae, "top_k": sae.k, "scale": float(sae.scale),
+            "dataset_average_activation_norm": math.sqrt(sae.d_model) / float(sae.scale),
+            "rank_by_decoder_norm": sae.rank_by_decoder_norm, "tokens": steps * cfg["batch_size"], "lr": lr,
+            "seed": seed, "hook_name": f"blocks.{layer}.hook_resid_post", "fingerprint": fingerprint}
+    with atomic_dir(out) as tmp:
+        save_sae(sae, tmp, meta)
+        pd.DataFrame(curve).to_parquet(Path(tmp) / "curve.parquet", index=False)
+        save_saelens(sae, Path(tmp) / "saelens", meta["hook_name"], str(store.attrs.get("model", "")))
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):  # and the per-layer folders above it, once empty
+        os.removedirs(Path(checkpoint_dir).parent)
+
+
+def _curve_row(sae, heldout, tokens: int, loss: float, last_fired: torch.Tensor, step: int, cfg: dict) -> dict:
+    s = evaluate(sae, heldout).summary()
+    dead = ((tokens - last_fired) > cfg["dead_tokens"]).float().mean().item() if tokens > cfg["dead_tokens"] else 0.0
+    return {"step": step, "tokens_seen": tokens, "loss": loss, "fvu": s["fvu"], "l0": s["l0"],
+            "dead_fraction": dead}
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a kill leaves the previous checkpoint or the new one
+
+
+def _load_checkpoint(path: Path, fingerprint: str) -> dict | None:
+    if not path.is_file():
+        return None
+    state = torch.load(path, weights_only=True)
+    if state.get("fingerprint") != fingerprint:
+        log.warning("%s was written for other settings; starting from scratch", path)
+        return None
+    return state
+
+
+def save_sae(sae: TopKSAE, folder: str | Path, meta: dict) -> None:
+    """``sae.safetensors`` (rows = features, normalised space) + ``cfg.json``."""
+    folder = Path(folder)
+    save_file({k: v.detach().contiguous() for k, v in sae.state_dict().items()}, folder / "sae.safetensors")
+    (folder / "cfg.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def load_sae(folder: str | Path) -> TopKSAE:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    for name in ("cfg.json", "sae.safetensors"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"SAE file missing: {folder / name}")
+    meta = json.loads((folder / "cfg.json").read_text())
+    sae = TopKSAE(meta["d_model"], meta["d_sae"], meta["top_k"], meta["scale"], meta["rank_by_decoder_norm"])
+    sae.load_state_dict(load_file(folder / "sae.safetensors"))
+    return sae

@@ -1,0 +1,71 @@
+# SAE adaptation (paper §4.1, Fig 1, Fig 6): one job per layer x regime, warm-started from the
+# base SAE (Llama Scope / the toy release), then held-out FVU per layer and the two figures.
+
+
+rule sae_finetune:
+    input:
+        cache=cache_path("{layer}"),
+        base_sae=config["base_sae"]["path"],
+    output:
+        directory(sae_path("{layer}", "{regime}")),
+    params:
+        p=sae_finetune_params,
+        checkpoints=f"{OUT}/checkpoints/saes/L{{layer}}/{{regime}}",
+    log:
+        f"{LOGS}/sae_finetune/L{{layer}}_{{regime}}.log",
+    threads: 2
+    resources:
+        gpu=1,
+    conda:
+        ENV
+    shell:
+        "stagediff sae-finetune --params {params.p:q} --cache {input.cache} --base-sae {input.base_sae}"
+        " --layer {wildcards.layer} --regime {wildcards.regime} --checkpoint-dir {params.checkpoints}"
+        " --out {output} 2> {log}"
+
+
+rule sae_evaluate:
+    input:
+        cache=cache_path("{layer}"),
+        base_sae=config["base_sae"]["path"],
+        saes=[sae_path("{layer}", r) for r in REGIMES],
+    output:
+        f"{OUT}/sae_eval/L{{layer}}.parquet",
+    params:
+        p=sae_finetune_params,
+    log:
+        f"{LOGS}/sae_evaluate/L{{layer}}.log",
+    threads: 2
+    conda:
+        ENV
+    shell:
+        "stagediff sae-evaluate --params {params.p:q} --cache {input.cache} --base-sae {input.base_sae}"
+        " --layer {wildcards.layer} --saes {input.saes} --out {output} 2> {log}"
+
+
+rule sae_fvu_table:
+    input:
+        expand(rules.sae_evaluate.output[0], layer=LAYERS),
+    output:
+        report(f"{OUT}/tables/sae_fvu.parquet", caption="../report/sae_fvu.rst", category="SAE adaptation"),
+    log:
+        f"{LOGS}/sae_fvu_table.log",
+    conda:
+        ENV
+    shell:
+        "stagediff concat-tables {input} --out {output} 2> {log}"
+
+
+rule sae_figures:
+    input:
+        table=rules.sae_fvu_table.output[0],
+        saes=expand(sae_path("{layer}", "{regime}"), layer=LAYERS, regime=REGIMES),
+    output:
+        report(directory(f"{OUT}/figures/sae_fvu"), patterns=["{name}.png"], caption="../report/sae_figures.rst",
+               category="SAE adaptation"),
+    log:
+        f"{LOGS}/sae_figures.log",
+    conda:
+        ENV
+    shell:
+        "stagediff sae-figures --table {input.table} --curves {input.saes} --out-dir {output} 2> {log}"
