@@ -111,20 +111,17 @@ class TopKSAE(nn.Module):
             sae.W_enc.copy_(sae.W_dec)
         return sae
 
-    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        return (x * self.scale) @ self.W_enc.T + self.b_enc
-
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, indices) of the k active latents per row; x in residual scale."""
         xs = x * self.scale
-        pre = torch.addmm(self.b_enc, xs.reshape(-1, self.d_model), self.W_enc.T).reshape(*x.shape[:-1], -1)
-        with torch.no_grad():  # the ranking is a selection, not differentiated (as every TopK SAE)
+        with torch.no_grad():  # dense pre-activations only select; gradients go through _SparseEncode
+            pre = torch.addmm(self.b_enc, xs.reshape(-1, self.d_model), self.W_enc.T).reshape(*x.shape[:-1], -1)
             score = pre.relu() * self.W_dec.norm(dim=1) if self.rank_by_decoder_norm else pre.relu()
             idx = score.topk(self.k, dim=-1, sorted=False).indices
         if not torch.is_grad_enabled():
             return pre.gather(-1, idx).relu(), idx
         flat = _SparseEncode.apply(xs.reshape(-1, self.d_model), self.W_enc, self.b_enc,
-                                   pre.detach().reshape(-1, self.d_sae), idx.reshape(-1, self.k))
+                                   pre.reshape(-1, self.d_sae), idx.reshape(-1, self.k))
         return flat.reshape(idx.shape), idx
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
