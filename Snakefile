@@ -16,6 +16,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/toy.smk"
 include: "workflow/rules/cache.smk"
 include: "workflow/rules/sae.smk"
+include: "workflow/rules/diff.smk"
 
 
 rule all:

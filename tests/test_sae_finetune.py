@@ -81,6 +81,8 @@ def test_regimes_warm_start_and_random_init(world):
         assert curve.fvu.iloc[-1] < curve.fvu.iloc[0]  # training helps on held-out tokens
         assert meta["scale"] == pytest.approx(math.sqrt(D) / 6.0)  # never re-estimated
         assert not (tmp / f"ck_{regime}").exists()  # checkpoints removed once done
+        feats = pd.read_parquet(tmp / regime / "features.parquet")
+        assert len(feats) == D_SAE and feats.training_fires.sum() == CFG["tokens"] * K  # L0 = k on every token
     base = load_llama_scope(tmp / "base")
     text, rand = load_sae(tmp / "text"), load_sae(tmp / "random")
     cos = torch.nn.functional.cosine_similarity

@@ -39,6 +39,9 @@ def test_end_to_end_then_only_the_changed_layer_is_stale(workdir):
     for name in ("fig1_fvu", "fig6_fvu_per_layer"):
         assert (res / "figures" / "sae_fvu" / f"{name}.png").stat().st_size > 0
         assert (res / "figures" / "sae_fvu" / f"{name}.pdf").stat().st_size > 0
+    feats = pd.read_parquet(res / "tables" / "adapted_features.parquet")
+    assert len(feats) == 2 * 64 and {"decoder_cosine", "visual_energy", "adapted", "never_fired"} <= set(feats.columns)
+    assert (res / "figures" / "diff" / "fig2_energy_vs_cosine.pdf").stat().st_size > 0
     assert set(summary(workdir).values()) == {"no update"}
 
     cfg_path = workdir / ".test" / "config.yaml"
@@ -47,7 +50,9 @@ def test_end_to_end_then_only_the_changed_layer_is_stale(workdir):
     cfg_path.write_text(yaml.safe_dump(cfg))
     stale = {f for f, plan in summary(workdir).items() if plan != "no update"}
     layer1 = {"results/tiny/sae_eval/L1.parquet", "results/tiny/tables/sae_fvu.parquet",
-              "results/tiny/figures/sae_fvu"} | {f"results/tiny/saes/L1/{r}" for r in ("full", "image", "text", "random")}
+              "results/tiny/figures/sae_fvu", "results/tiny/diff/L1.parquet",
+              "results/tiny/tables/adapted_features.parquet", "results/tiny/tables/threshold_sweep.parquet",
+              "results/tiny/figures/diff"} | {f"results/tiny/saes/L1/{r}" for r in ("full", "image", "text", "random")}
     assert stale == {"results/tiny/world/llama_scope/L1R-8x"} | layer1
 
     # rerunning touches exactly those jobs: nothing of layer 0, no cache, no VLM

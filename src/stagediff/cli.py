@@ -128,6 +128,39 @@ def cmd_sae_figures(a) -> None:
     fvu_figures(a.table, a.curves, a.out_dir)
 
 
+def cmd_diff_layer(a) -> None:
+    from stagediff.diff.adapted import feature_table
+    from stagediff.io import write_parquet
+
+    p = _params(a.params)
+    regimes = dict(zip(p["sae_finetune"]["regimes"], a.saes))
+    write_parquet(feature_table(a.layer, a.base_sae, p["sae_finetune"]["top_k"], regimes, a.cache, p["diff"]), a.out)
+
+
+def cmd_diff_adapted(a) -> None:
+    import pandas as pd
+
+    from stagediff.diff.adapted import adapted_mask, threshold_sweep
+    from stagediff.io import write_parquet
+
+    d = _params(a.params)["diff"]
+    table = pd.concat([pd.read_parquet(t) for t in a.tables], ignore_index=True)
+    table["adapted"] = adapted_mask(table, d["p_cos"], d["epsilon"])
+    log.info("adapted set: %d of %d features (%.1f%%)", table.adapted.sum(), len(table), 100 * table.adapted.mean())
+    write_parquet(table, a.out)
+    write_parquet(threshold_sweep(table, d["sweep"]["p_cos"], d["sweep"]["epsilon"], d["p_cos"], d["epsilon"]),
+                  a.sweep)
+
+
+def cmd_diff_figures(a) -> None:
+    import pandas as pd
+
+    from stagediff.figures.diff import diff_figures
+
+    d = _params(a.params)["diff"]
+    diff_figures(pd.read_parquet(a.features), pd.read_parquet(a.sweep), (d["p_cos"], d["epsilon"]), a.out_dir)
+
+
 # subcommand: (function, help, options); an option is a name or (name, argparse kwargs)
 COMMANDS = {
     "check-config": (cmd_check_config, "validate a config file and print a summary", [("config", {})]),
@@ -153,6 +186,13 @@ COMMANDS = {
                       [("tables", {"nargs": "+"}), "--out"]),
     "sae-figures": (cmd_sae_figures, "Fig 1 and Fig 6 (PNG + PDF) and the FVU summary table",
                     ["--table", ("--curves", {"nargs": "+", "required": True}), "--out-dir"]),
+    "diff-layer": (cmd_diff_layer, "per-feature decoder cosine, visual energy, firing rates for one layer",
+                   ["--params", "--cache", "--base-sae", ("--layer", {"type": int, "required": True}),
+                    ("--saes", {"nargs": "+", "required": True, "help": "one SAE folder per regime, config order"}),
+                    "--out"]),
+    "diff-adapted": (cmd_diff_adapted, "the global adapted set and the (p_cos, epsilon) threshold sweep",
+                     ["--params", ("tables", {"nargs": "+"}), "--out", "--sweep"]),
+    "diff-figures": (cmd_diff_figures, "Fig 2, 5, 7, 8 (PNG + PDF)", ["--params", "--features", "--sweep", "--out-dir"]),
 }
 
 

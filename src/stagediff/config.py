@@ -99,6 +99,13 @@ def _check_layers(config: dict, source: str) -> None:
         for k in lay["overrides"]:
             if int(k) not in config["layers"]:
                 raise ConfigError(f"{source}: per-layer override for layer {k} but layers = {config['layers']}")
+    d = config["diff"]
+    if d["p_cos"] not in d["sweep"]["p_cos"] or d["epsilon"] not in d["sweep"]["epsilon"]:
+        raise ConfigError(f"{source}: config key diff.sweep must contain the operating point "
+                          f"p_cos = {d['p_cos']}, epsilon = {d['epsilon']}")
+    if d["regime"] not in config["sae_finetune"]["regimes"]:
+        raise ConfigError(f"{source}: config key diff.regime = {d['regime']!r} is not among "
+                          f"sae_finetune.regimes {config['sae_finetune']['regimes']}")
     for k in config["sae_finetune"]["lr_layer_scale"]:
         if int(k) not in config["layers"]:
             raise ConfigError(f"{source}: config key sae_finetune.lr_layer_scale.{k}: layer {k} is not in "

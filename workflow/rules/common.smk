@@ -60,6 +60,7 @@ def all_targets():
     targets = [f"{OUT}/tables/vlm_accuracy.parquet"]
     targets += [cache_path(layer) for layer in LAYERS]
     targets += [f"{OUT}/tables/sae_fvu.parquet", f"{OUT}/figures/sae_fvu"]
+    targets += [f"{OUT}/tables/adapted_features.parquet", f"{OUT}/figures/diff"]
     if TOY:
         targets += [config["base_sae"]["path"].format(layer=layer) for layer in LAYERS]
     return targets

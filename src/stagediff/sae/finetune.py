@@ -96,12 +96,13 @@ def finetune_sae(store_path: str | Path, base_sae: str | Path, regime: str, laye
     ckpt = Path(checkpoint_dir) / CHECKPOINT
     state = _load_checkpoint(ckpt, fingerprint)
     last_fired = torch.zeros(sae.d_sae, dtype=torch.long)  # tokens seen when each latent last fired
+    fires = torch.zeros(sae.d_sae, dtype=torch.long)  # training tokens on which each latent fired
     curve: list[dict] = []
     start, sum_loss, n_loss = 0, 0.0, 0
     if state is not None:
         sae.load_state_dict(state["sae"])
         opt.load_state_dict(state["opt"])
-        last_fired, curve, start = state["last_fired"], state["curve"], state["step"]
+        last_fired, fires, curve, start = state["last_fired"], state["fires"], state["curve"], state["step"]
         sum_loss, n_loss = state["sum_loss"], state["n_loss"]
         log.info("resuming %s L%d at step %d/%d (epoch, buffer, batch = %s)", regime, layer, start, steps,
                  stream.position(start))
@@ -118,7 +119,9 @@ def finetune_sae(store_path: str | Path, base_sae: str | Path, regime: str, laye
         loss.backward()
         opt.step()
         tokens = (step + 1) * cfg["batch_size"]
-        last_fired[i[v > 0]] = tokens
+        active = i[v > 0]
+        last_fired[active] = tokens
+        fires += torch.bincount(active, minlength=sae.d_sae)
         sum_loss, n_loss = sum_loss + loss.item(), n_loss + 1
         if (step + 1) % cfg["log_every"] == 0 or step + 1 == steps:
             curve.append(_curve_row(sae, heldout, tokens, sum_loss / n_loss, last_fired, step + 1, cfg))
@@ -129,7 +132,7 @@ def finetune_sae(store_path: str | Path, base_sae: str | Path, regime: str, laye
                      (tokens - start * cfg["batch_size"]) / max(time.time() - t0, 1e-9))
         if (step + 1) % cfg["checkpoint_every"] == 0 and step + 1 < steps:
             _save_checkpoint(ckpt, {"step": step + 1, "sae": sae.state_dict(), "opt": opt.state_dict(),
-                                    "last_fired": last_fired, "curve": curve, "sum_loss": sum_loss,
+                                    "last_fired": last_fired, "fires": fires, "curve": curve, "sum_loss": sum_loss,
                                     "n_loss": n_loss, "fingerprint": fingerprint})
     meta = {"layer": layer, "regime": regime, "base_sae": str(base_sae), "store": str(store_path),
             "d_model": sae.d_model, "d_sae": sae.d_sae, "top_k": sae.k, "scale": float(sae.scale),
@@ -139,6 +142,8 @@ def finetune_sae(store_path: str | Path, base_sae: str | Path, regime: str, laye
     with atomic_dir(out) as tmp:
         save_sae(sae, tmp, meta)
         pd.DataFrame(curve).to_parquet(Path(tmp) / "curve.parquet", index=False)
+        pd.DataFrame({"feature": range(sae.d_sae), "training_fires": fires.numpy(),
+                      "last_fired_tokens": last_fired.numpy()}).to_parquet(Path(tmp) / "features.parquet", index=False)
         save_saelens(sae, Path(tmp) / "saelens", meta["hook_name"], str(store.attrs.get("model", "")))
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     with contextlib.suppress(OSError):  # and the per-layer folders above it, once empty
