@@ -42,6 +42,9 @@ def test_end_to_end_then_only_the_changed_layer_is_stale(workdir):
     feats = pd.read_parquet(res / "tables" / "adapted_features.parquet")
     assert len(feats) == 2 * 64 and {"decoder_cosine", "visual_energy", "adapted", "never_fired"} <= set(feats.columns)
     assert (res / "figures" / "diff" / "fig2_energy_vs_cosine.pdf").stat().st_size > 0
+    shift = pd.read_parquet(res / "tables" / "shift.parquet")
+    assert set(shift.split) == {"spatial", "ocr"} and len(shift) == 2 * 2 * 64
+    assert (res / "figures" / "shift" / "fig9_spatial_shift.png").stat().st_size > 0
     assert set(summary(workdir).values()) == {"no update"}
 
     cfg_path = workdir / ".test" / "config.yaml"
@@ -52,13 +55,19 @@ def test_end_to_end_then_only_the_changed_layer_is_stale(workdir):
     layer1 = {"results/tiny/sae_eval/L1.parquet", "results/tiny/tables/sae_fvu.parquet",
               "results/tiny/figures/sae_fvu", "results/tiny/diff/L1.parquet",
               "results/tiny/tables/adapted_features.parquet", "results/tiny/tables/threshold_sweep.parquet",
-              "results/tiny/figures/diff"} | {f"results/tiny/saes/L1/{r}" for r in ("full", "image", "text", "random")}
+              "results/tiny/figures/diff", "results/tiny/shift/L1.parquet", "results/tiny/tables/shift.parquet",
+              "results/tiny/figures/shift", "results/tiny/neutral/L1.parquet",
+              "results/tiny/tables/selected_features.parquet", "results/tiny/tables/neutral_evidence.parquet"}
+    layer1 |= {f"results/tiny/saes/L1/{r}" for r in ("full", "image", "text", "random")}
+    # the adapted set and the multiple-comparison correction are global (all layers together, as the
+    # paper), so layer 0's neutral-prompt job reads tables that layer 1 changed; nothing else of layer 0
+    layer1 |= {"results/tiny/neutral/L0.parquet"}
     assert stale == {"results/tiny/world/llama_scope/L1R-8x"} | layer1
 
-    # rerunning touches exactly those jobs: nothing of layer 0, no cache, no VLM
+    # rerunning touches exactly those jobs: no cache, no VLM
     out = run_smk("--cores", "2", *CFG, cwd=workdir).stderr
     assert "toy_base_sae" in out and "cache_activations" not in out and "toy_vlm" not in out
-    assert "layer=1" in out and "layer=0" not in out
+    assert "layer=1" in out  # the layer-0 jobs that run are exactly the stale set above
     assert set(summary(workdir).values()) == {"no update"}
 
     # one layer's learning-rate factor: only that layer's SAEs (and what reads them) rerun

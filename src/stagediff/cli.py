@@ -161,6 +161,92 @@ def cmd_diff_figures(a) -> None:
     diff_figures(pd.read_parquet(a.features), pd.read_parquet(a.sweep), (d["p_cos"], d["epsilon"]), a.out_dir)
 
 
+def cmd_shift_layer(a) -> None:
+    from stagediff.cache import ActivationStore
+    from stagediff.data.items import vqa_items
+    from stagediff.diff.shift import shift_table
+    from stagediff.io import write_parquet
+    from stagediff.sae.finetune import load_sae
+
+    p = _params(a.params)
+    sh = p["shift"]
+    store = ActivationStore(a.cache)
+    cached = set(store.meta("text", "sample_id").tolist())
+    items = [it for it in vqa_items(p["data"], sh["split"], p["prompts"], p["question_splits"])
+             if it.sample_id in cached]
+    modalities = {"all": ("text", "image"), "text": ("text",), "image": ("image",)}[sh["tokens"]]
+    write_parquet(shift_table(a.layer, load_sae(a.sae), store, items, sh["split"], sh["families"], modalities),
+                  a.out)
+
+
+def cmd_shift_candidates(a) -> None:
+    import pandas as pd
+
+    from stagediff.diff.shift import mark_candidates
+    from stagediff.io import write_parquet
+
+    table = mark_candidates(pd.concat([pd.read_parquet(t) for t in a.tables], ignore_index=True),
+                            _params(a.params)["shift"])
+    for split, n in table.groupby("split").candidate.sum().items():
+        log.info("%s candidates: %d", split, n)
+    write_parquet(table, a.out)
+
+
+def cmd_shift_figures(a) -> None:
+    import pandas as pd
+
+    from stagediff.figures.shift import shift_figures
+
+    shift_figures(pd.read_parquet(a.table), a.out_dir)
+
+
+def cmd_neutral_layer(a) -> None:
+    import json
+
+    import pandas as pd
+
+    from stagediff.cache import ActivationStore
+    from stagediff.data.items import vqa_items
+    from stagediff.diff.neutral import EVIDENCE_COLUMNS, layer_candidates, neutral_evidence
+    from stagediff.io import write_parquet
+    from stagediff.models.vlm import load_vlm
+    from stagediff.sae.finetune import load_sae
+    from stagediff.seed import pick_device, seed_everything
+
+    p = _params(a.params)
+    seed_everything(p["seed"])
+    split = p["shift"]["split"]
+    candidates = layer_candidates(pd.read_parquet(a.shift), pd.read_parquet(a.adapted), a.layer,
+                                  p["neutral"]["only_adapted"])
+    if candidates.empty:  # no model load (minutes for an 8B VLM) when there is nothing to test
+        log.info("layer %d: no candidates", a.layer)
+        write_parquet(pd.DataFrame(columns=EVIDENCE_COLUMNS), a.out)
+        return
+    model, processor = load_vlm(p["model"]["vlm"], pick_device(p["device"]), p["model"]["dtype"])
+    neutral = [p["prompts"]["neutral"].format(prompt=t) for t in json.loads(Path(p["data"]["neutral_prompts"]).read_text())]
+    items = vqa_items(p["data"], split, p["prompts"], p["question_splits"])
+    table = neutral_evidence(model, processor, load_sae(a.sae), a.layer, ActivationStore(a.cache), items, candidates,
+                             neutral, p["neutral"], split)
+    log.info("layer %d: %d candidates, %d neutral-prompt runs", a.layer, len(candidates), len(table))
+    write_parquet(table, a.out)
+
+
+def cmd_select_features(a) -> None:
+    import pandas as pd
+
+    from stagediff.diff.neutral import select_features
+    from stagediff.io import write_parquet
+
+    p = _params(a.params)
+    evidence = pd.concat([pd.read_parquet(t) for t in a.evidence], ignore_index=True)
+    sel = select_features(pd.read_parquet(a.shift), pd.read_parquet(a.adapted), evidence, p["neutral"],
+                          p["selection"]["top_n"])
+    for split, n in sel.groupby("split").size().items():
+        log.info("%s features selected: %d (downstream: %d)", split, n, min(n, p["selection"]["top_n"]))
+    write_parquet(evidence, a.evidence_out)
+    write_parquet(sel, a.out)
+
+
 # subcommand: (function, help, options); an option is a name or (name, argparse kwargs)
 COMMANDS = {
     "check-config": (cmd_check_config, "validate a config file and print a summary", [("config", {})]),
@@ -193,6 +279,17 @@ COMMANDS = {
     "diff-adapted": (cmd_diff_adapted, "the global adapted set and the (p_cos, epsilon) threshold sweep",
                      ["--params", ("tables", {"nargs": "+"}), "--out", "--sweep"]),
     "diff-figures": (cmd_diff_figures, "Fig 2, 5, 7, 8 (PNG + PDF)", ["--params", "--features", "--sweep", "--out-dir"]),
+    "shift-layer": (cmd_shift_layer, "firing frequency, delta p, odds ratio, p-value per feature and split, one layer",
+                    ["--params", "--cache", "--sae", ("--layer", {"type": int, "required": True}), "--out"]),
+    "shift-candidates": (cmd_shift_candidates, "multiple-comparison correction and the candidate flag",
+                         ["--params", ("tables", {"nargs": "+"}), "--out"]),
+    "shift-figures": (cmd_shift_figures, "Fig 9 (spatial) and Fig 10 (OCR), PNG + PDF", ["--table", "--out-dir"]),
+    "neutral-layer": (cmd_neutral_layer, "neutral-prompt filter: rerun top samples of one layer's candidates",
+                      ["--params", "--cache", "--sae", "--shift", "--adapted",
+                       ("--layer", {"type": int, "required": True}), "--out"]),
+    "select-features": (cmd_select_features, "candidates ∩ neutral survivors ∩ adapted, ranked; top-N downstream",
+                        ["--params", "--shift", "--adapted", ("--evidence", {"nargs": "+", "required": True}),
+                         "--evidence-out", "--out"]),
 }
 
 

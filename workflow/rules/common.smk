@@ -61,6 +61,8 @@ def all_targets():
     targets += [cache_path(layer) for layer in LAYERS]
     targets += [f"{OUT}/tables/sae_fvu.parquet", f"{OUT}/figures/sae_fvu"]
     targets += [f"{OUT}/tables/adapted_features.parquet", f"{OUT}/figures/diff"]
+    targets += [f"{OUT}/tables/shift.parquet", f"{OUT}/figures/shift"]
+    targets += [f"{OUT}/tables/selected_features.parquet"]
     if TOY:
         targets += [config["base_sae"]["path"].format(layer=layer) for layer in LAYERS]
     return targets

@@ -54,3 +54,94 @@ rule diff_figures:
     shell:
         "stagediff diff-figures --params {params.p:q} --features {input.features} --sweep {input.sweep}"
         " --out-dir {output} 2> {log}"
+
+
+rule shift_layer:
+    input:
+        cache=cache_path("{layer}"),
+        sae=sae_path("{layer}", config["diff"]["regime"]),
+        **({"data": f"{config['toy']['root']}/data"} if TOY else {}),
+    output:
+        f"{OUT}/shift/L{{layer}}.parquet",
+    params:
+        p=params_json("shift", "data", "prompts", "question_splits"),
+    log:
+        f"{LOGS}/shift_layer/L{{layer}}.log",
+    threads: 2
+    conda:
+        ENV
+    shell:
+        "stagediff shift-layer --params {params.p:q} --cache {input.cache} --sae {input.sae}"
+        " --layer {wildcards.layer} --out {output} 2> {log}"
+
+
+rule shift_candidates:
+    input:
+        expand(rules.shift_layer.output[0], layer=LAYERS),
+    output:
+        report(f"{OUT}/tables/shift.parquet", caption="../report/shift.rst", category="Diffing"),
+    params:
+        p=params_json("shift"),
+    log:
+        f"{LOGS}/shift_candidates.log",
+    conda:
+        ENV
+    shell:
+        "stagediff shift-candidates --params {params.p:q} {input} --out {output} 2> {log}"
+
+
+rule shift_figures:
+    input:
+        rules.shift_candidates.output[0],
+    output:
+        report(directory(f"{OUT}/figures/shift"), patterns=["{name}.png"], caption="../report/shift.rst",
+               category="Diffing"),
+    log:
+        f"{LOGS}/shift_figures.log",
+    conda:
+        ENV
+    shell:
+        "stagediff shift-figures --table {input} --out-dir {output} 2> {log}"
+
+
+rule neutral_layer:
+    input:
+        **world_inputs(),
+        cache=cache_path("{layer}"),
+        sae=sae_path("{layer}", config["diff"]["regime"]),
+        shift=rules.shift_candidates.output[0],
+        adapted=rules.diff_adapted.output.features,
+    output:
+        f"{OUT}/neutral/L{{layer}}.parquet",
+    params:
+        p=params_json("neutral", "shift", "data", "prompts", "question_splits", "model", "seed", "device"),
+    log:
+        f"{LOGS}/neutral_layer/L{{layer}}.log",
+    threads: 2
+    resources:
+        gpu=1,
+    conda:
+        ENV
+    shell:
+        "stagediff neutral-layer --params {params.p:q} --cache {input.cache} --sae {input.sae}"
+        " --shift {input.shift} --adapted {input.adapted} --layer {wildcards.layer} --out {output} 2> {log}"
+
+
+rule select_features:
+    input:
+        shift=rules.shift_candidates.output[0],
+        adapted=rules.diff_adapted.output.features,
+        evidence=expand(rules.neutral_layer.output[0], layer=LAYERS),
+    output:
+        selected=report(f"{OUT}/tables/selected_features.parquet", caption="../report/selected.rst",
+                        category="Diffing"),
+        evidence=f"{OUT}/tables/neutral_evidence.parquet",
+    params:
+        p=params_json("neutral", "selection"),
+    log:
+        f"{LOGS}/select_features.log",
+    conda:
+        ENV
+    shell:
+        "stagediff select-features --params {params.p:q} --shift {input.shift} --adapted {input.adapted}"
+        " --evidence {input.evidence} --evidence-out {output.evidence} --out {output.selected} 2> {log}"
