@@ -158,7 +158,8 @@ def cmd_diff_figures(a) -> None:
     from stagediff.figures.diff import diff_figures
 
     d = _params(a.params)["diff"]
-    diff_figures(pd.read_parquet(a.features), pd.read_parquet(a.sweep), (d["p_cos"], d["epsilon"]), a.out_dir)
+    diff_figures(pd.read_parquet(a.features), pd.read_parquet(a.sweep), pd.read_parquet(a.selected),
+                 (d["p_cos"], d["epsilon"]), a.out_dir)
 
 
 def cmd_shift_layer(a) -> None:
@@ -278,7 +279,8 @@ COMMANDS = {
                     "--out"]),
     "diff-adapted": (cmd_diff_adapted, "the global adapted set and the (p_cos, epsilon) threshold sweep",
                      ["--params", ("tables", {"nargs": "+"}), "--out", "--sweep"]),
-    "diff-figures": (cmd_diff_figures, "Fig 2, 5, 7, 8 (PNG + PDF)", ["--params", "--features", "--sweep", "--out-dir"]),
+    "diff-figures": (cmd_diff_figures, "Fig 2, 5, 7, 8 (PNG + PDF)",
+                     ["--params", "--features", "--sweep", "--selected", "--out-dir"]),
     "shift-layer": (cmd_shift_layer, "firing frequency, delta p, odds ratio, p-value per feature and split, one layer",
                     ["--params", "--cache", "--sae", ("--layer", {"type": int, "required": True}), "--out"]),
     "shift-candidates": (cmd_shift_candidates, "multiple-comparison correction and the candidate flag",

@@ -42,6 +42,7 @@ rule diff_figures:
     input:
         features=rules.diff_adapted.output.features,
         sweep=rules.diff_adapted.output.sweep,
+        selected=f"{OUT}/tables/selected_features.parquet",
     output:
         report(directory(f"{OUT}/figures/diff"), patterns=["{name}.png"], caption="../report/diff_figures.rst",
                category="Diffing"),
@@ -53,7 +54,7 @@ rule diff_figures:
         ENV
     shell:
         "stagediff diff-figures --params {params.p:q} --features {input.features} --sweep {input.sweep}"
-        " --out-dir {output} 2> {log}"
+        " --selected {input.selected} --out-dir {output} 2> {log}"
 
 
 rule shift_layer:

@@ -21,20 +21,29 @@ def _save(fig, out: Path, name: str) -> None:
     plt.close(fig)
 
 
-def diff_figures(features: pd.DataFrame, sweep: pd.DataFrame, op: tuple[float, float], out_dir: str | Path) -> None:
+def diff_figures(features: pd.DataFrame, sweep: pd.DataFrame, selected: pd.DataFrame, op: tuple[float, float],
+                 out_dir: str | Path) -> None:
     with atomic_dir(out_dir) as tmp:
-        _fig2(features, op[1], tmp)
+        _fig2(features, selected, op[1], tmp)
         _fig5(features, tmp)
         _fig7(features, tmp)
         _fig8(sweep, op, tmp)
 
 
-def _fig2(f: pd.DataFrame, epsilon: float, out: Path) -> None:
+def _fig2(f: pd.DataFrame, selected: pd.DataFrame, epsilon: float, out: Path) -> None:
+    """Grey: all; pink: adapted; blue squares: selected spatial/OCR features; red crosses: downstream."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    ev = f.visual_energy.clip(lower=epsilon / 100)  # E_v = 0 drawn at the bottom of the log axis
+    floor = epsilon / 100  # E_v = 0 drawn at the bottom of the log axis
+    ev = f.visual_energy.clip(lower=floor)
     ax.scatter(f.decoder_cosine, ev, s=3, c="lightgrey", label="all features")
     a = f[f.adapted]
     ax.scatter(a.decoder_cosine, ev[f.adapted], s=6, c="hotpink", label=f"adapted ({len(a)})")
+    sel_ev = selected.visual_energy.clip(lower=floor)
+    ax.scatter(selected.decoder_cosine, sel_ev, s=18, marker="s", facecolors="none", edgecolors="tab:blue",
+               label=f"selected ({len(selected)})")
+    down = selected.downstream.astype(bool)
+    ax.scatter(selected.decoder_cosine[down], sel_ev[down], s=30, marker="x", c="red",
+               label=f"downstream ({int(down.sum())})")
     ax.axhline(epsilon, color="k", lw=0.5, ls="--")
     ax.set(xlabel="decoder cosine $c_f$ (base vs adapted)", ylabel="visual energy $E_v$", yscale="log")
     ax.legend(fontsize=7)
