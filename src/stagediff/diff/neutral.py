@@ -45,7 +45,7 @@ def neutral_evidence(model, processor, sae, layer: int, store: ActivationStore, 
         return pd.DataFrame(columns=EVIDENCE_COLUMNS)
     by_id = {it.sample_id: it for it in items}
     before = max_per_sample(sae, store, split, sorted(set(candidates.feature)))
-    runs = []  # (feature, family, original item, neutral text)
+    runs = []  # (feature, family, original item, act_before, neutral text)
     for c in candidates.itertuples():
         family_ids = [s for s in before.index if s in by_id and by_id[s].family == c.split]
         top = before.loc[family_ids, c.feature].nlargest(cfg["n_samples"])
