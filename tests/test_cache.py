@@ -10,7 +10,6 @@ from stagediff.cache import MARKER, ActivationStore, cache_activations, from_sto
 from stagediff.capture import capture_residuals
 from stagediff.data.items import vqa_items
 from stagediff.models.vlm import decoder_layers, load_vlm
-from stagediff.seed import seed_everything
 
 CFG = {"dtype": "float32", "batch_size": 4, "chunk_rows": 16, "chunks_per_shard": 2, "pad_to_square": False}
 

@@ -32,6 +32,8 @@ from stagediff.models.vlm import chat_prompt, encode_batch, load_image, token_ma
 
 log = logging.getLogger(__name__)
 MODALITIES = ("text", "image")
+# Token spans a stage may read, by config value (all = both modalities).
+SPANS = {"text": ("text",), "image": ("image",), "all": MODALITIES}
 MARKER = "COMPLETE"
 META = {"sample_id": np.int64, "position": np.int32, "token_id": np.int32, "split": np.int8}
 

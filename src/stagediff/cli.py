@@ -15,6 +15,13 @@ from pathlib import Path
 log = logging.getLogger("stagediff")
 
 
+def _read_tables(paths: list[str]):
+    """Per-layer Parquet tables stacked into one frame."""
+    import pandas as pd
+
+    return pd.concat([pd.read_parquet(t) for t in paths], ignore_index=True)
+
+
 def _params(text: str) -> dict:
     if text.startswith("@"):
         text = Path(text[1:]).read_text()
@@ -115,11 +122,9 @@ def cmd_sae_evaluate(a) -> None:
 
 
 def cmd_concat_tables(a) -> None:
-    import pandas as pd
-
     from stagediff.io import write_parquet
 
-    write_parquet(pd.concat([pd.read_parquet(t) for t in a.tables], ignore_index=True), a.out)
+    write_parquet(_read_tables(a.tables), a.out)
 
 
 def cmd_sae_figures(a) -> None:
@@ -138,13 +143,11 @@ def cmd_diff_layer(a) -> None:
 
 
 def cmd_diff_adapted(a) -> None:
-    import pandas as pd
-
     from stagediff.diff.adapted import adapted_mask, threshold_sweep
     from stagediff.io import write_parquet
 
     d = _params(a.params)["diff"]
-    table = pd.concat([pd.read_parquet(t) for t in a.tables], ignore_index=True)
+    table = _read_tables(a.tables)
     table["adapted"] = adapted_mask(table, d["p_cos"], d["epsilon"])
     log.info("adapted set: %d of %d features (%.1f%%)", table.adapted.sum(), len(table), 100 * table.adapted.mean())
     write_parquet(table, a.out)
@@ -163,7 +166,7 @@ def cmd_diff_figures(a) -> None:
 
 
 def cmd_shift_layer(a) -> None:
-    from stagediff.cache import ActivationStore
+    from stagediff.cache import SPANS, ActivationStore
     from stagediff.data.items import vqa_items
     from stagediff.diff.shift import shift_table
     from stagediff.io import write_parquet
@@ -175,19 +178,15 @@ def cmd_shift_layer(a) -> None:
     cached = set(store.meta("text", "sample_id").tolist())
     items = [it for it in vqa_items(p["data"], sh["split"], p["prompts"], p["question_splits"])
              if it.sample_id in cached]
-    modalities = {"all": ("text", "image"), "text": ("text",), "image": ("image",)}[sh["tokens"]]
-    write_parquet(shift_table(a.layer, load_sae(a.sae), store, items, sh["split"], sh["families"], modalities),
-                  a.out)
+    write_parquet(shift_table(a.layer, load_sae(a.sae), store, items, sh["split"], sh["families"],
+                              SPANS[sh["tokens"]]), a.out)
 
 
 def cmd_shift_candidates(a) -> None:
-    import pandas as pd
-
     from stagediff.diff.shift import mark_candidates
     from stagediff.io import write_parquet
 
-    table = mark_candidates(pd.concat([pd.read_parquet(t) for t in a.tables], ignore_index=True),
-                            _params(a.params)["shift"])
+    table = mark_candidates(_read_tables(a.tables), _params(a.params)["shift"])
     for split, n in table.groupby("split").candidate.sum().items():
         log.info("%s candidates: %d", split, n)
     write_parquet(table, a.out)
@@ -239,7 +238,7 @@ def cmd_select_features(a) -> None:
     from stagediff.io import write_parquet
 
     p = _params(a.params)
-    evidence = pd.concat([pd.read_parquet(t) for t in a.evidence], ignore_index=True)
+    evidence = _read_tables(a.evidence)
     sel = select_features(pd.read_parquet(a.shift), pd.read_parquet(a.adapted), evidence, p["neutral"],
                           p["selection"]["top_n"])
     for split, n in sel.groupby("split").size().items():

@@ -50,6 +50,13 @@ def write_parquet(df: pd.DataFrame, path: str | Path) -> None:
         df.to_parquet(tmp, index=False)
 
 
+def save_figure(fig, folder: str | Path, name: str) -> None:
+    """A matplotlib figure as ``<name>.png`` and ``<name>.pdf`` (paper figures come in both)."""
+    fig.tight_layout()
+    for ext in ("png", "pdf"):
+        fig.savefig(Path(folder) / f"{name}.{ext}", dpi=150)
+
+
 def write_json(obj, path: str | Path) -> None:
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from stagediff.cache import ActivationStore
+from stagediff.cache import SPANS, ActivationStore
 from stagediff.sae.finetune import heldout_batches, load_sae
 from stagediff.sae.llama_scope import load_llama_scope
 
@@ -56,7 +56,7 @@ def feature_table(layer: int, base_sae: str | Path, k: int, regime_dirs: dict[st
     main = saes[cfg["regime"]]
     store = ActivationStore(store_path)
     stats = {m: code_stats(main, store, m) for m in ("text", "image")}
-    masks = {"text": ("text",), "image": ("image",), "all": ("text", "image")}[cfg["visual_energy_tokens"]]
+    masks = SPANS[cfg["visual_energy_tokens"]]
     energy = sum(stats[m][0] for m in masks) / max(1, sum(stats[m][2] for m in masks))
     fires = pd.read_parquet(Path(regime_dirs[cfg["regime"]]) / "features.parquet")["training_fires"].to_numpy()
     table = {"layer": layer, "feature": np.arange(base.d_sae),

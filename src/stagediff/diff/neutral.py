@@ -29,7 +29,7 @@ def max_per_sample(sae, store: ActivationStore, split: str, features: list[int])
     parts = []
     for m in ("text", "image"):
         ids = store.meta(m, "sample_id")
-        for blk in split_blocks(store, (m,), split, store.array(m).chunks[0]):  # a block at a time
+        for blk in split_blocks(store, (m,), split):  # a block at a time
             codes = sae.dense_codes(read_blocks(store, [blk]))[:, features]
             df = pd.DataFrame(codes.numpy(), columns=features).assign(sample_id=ids[blk.start : blk.stop])
             parts.append(df.groupby("sample_id").max())

@@ -52,7 +52,7 @@ def firing_counts(sae, store: ActivationStore, modalities: tuple[str, ...], spli
         lo, hi = store.split_rows(m, split)
         ids = torch.from_numpy(store.meta(m, "sample_id")[lo:hi])
         member = {g: torch.from_numpy(np.isin(ids.numpy(), list(s))) for g, s in groups.items()}
-        for blk in split_blocks(store, (m,), split, store.array(m).chunks[0]):
+        for blk in split_blocks(store, (m,), split):
             x = read_blocks(store, [blk])
             v, i = sae.encode(x)
             for g, mask in member.items():

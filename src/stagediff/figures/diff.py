@@ -11,13 +11,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from stagediff.figures.fvu import COLORS  # noqa: E402
-from stagediff.io import atomic_dir  # noqa: E402
+from stagediff.io import atomic_dir, save_figure  # noqa: E402
 
 
 def _save(fig, out: Path, name: str) -> None:
-    fig.tight_layout()
-    for ext in ("png", "pdf"):
-        fig.savefig(out / f"{name}.{ext}", dpi=150)
+    save_figure(fig, out, name)
     plt.close(fig)
 
 

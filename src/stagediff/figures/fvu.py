@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from stagediff.io import atomic_dir, write_parquet  # noqa: E402
+from stagediff.io import atomic_dir, save_figure, write_parquet  # noqa: E402
 
 TOKENS = matplotlib.ticker.EngFormatter()  # 120k, 30M: readable tick labels at any scale
 OWN_SPAN = {"base": "all", "full": "all", "image": "image", "text": "text", "random": "all"}
@@ -66,9 +66,7 @@ def _fig1(curves: pd.DataFrame, summary: pd.DataFrame, out: Path) -> None:
     best = int(summary["mean"].idxmin())
     for col in range(6):  # the lowest mean in bold, as the paper's table
         t[best + 1, col].set_text_props(fontweight="bold")
-    fig.tight_layout()
-    for ext in ("png", "pdf"):
-        fig.savefig(out / f"fig1_fvu.{ext}", dpi=150)
+    save_figure(fig, out, "fig1_fvu")
     plt.close(fig)
 
 
@@ -86,7 +84,5 @@ def _fig6(curves: pd.DataFrame, out: Path) -> None:
         ax.axis("off")
     axes[0, 0].set_ylabel("held-out FVU")
     axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
-    for ext in ("png", "pdf"):
-        fig.savefig(out / f"fig6_fvu_per_layer.{ext}", dpi=150)
+    save_figure(fig, out, "fig6_fvu_per_layer")
     plt.close(fig)

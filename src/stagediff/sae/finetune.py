@@ -66,7 +66,7 @@ def initial_sae(base_sae: str | Path, regime: str, k: int, gen: torch.Generator,
 def heldout_batches(store: ActivationStore, modalities: tuple[str, ...], max_tokens: int | None,
                     batch_size: int = 4096):
     """The val split of ``modalities`` in order; at most ``max_tokens`` (spread over modalities)."""
-    blocks = split_blocks(store, modalities, "val", store.array(modalities[0]).chunks[0])
+    blocks = split_blocks(store, modalities, "val")
     total = sum(b.stop - b.start for b in blocks)
     frac = 1.0 if max_tokens is None else min(1.0, max_tokens / total)
     for b in blocks:

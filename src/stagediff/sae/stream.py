@@ -28,11 +28,13 @@ class Block:
     stop: int
 
 
-def split_blocks(store: ActivationStore, modalities: tuple[str, ...], split: str, block_rows: int) -> list[Block]:
+def split_blocks(store: ActivationStore, modalities: tuple[str, ...], split: str) -> list[Block]:
+    """One split's rows of ``modalities`` in blocks of the store's read unit (its Zarr chunk)."""
     out = []
     for m in modalities:
         lo, hi = store.split_rows(m, split)
-        out += [Block(m, s, min(s + block_rows, hi)) for s in range(lo, hi, block_rows)]
+        rows = store.array(m).chunks[0]
+        out += [Block(m, s, min(s + rows, hi)) for s in range(lo, hi, rows)]
     if not out:
         raise RuntimeError(f"{store.path}: no {'/'.join(modalities)} tokens in split {split!r}")
     return out
@@ -45,9 +47,9 @@ def read_blocks(store: ActivationStore, blocks: list[Block]) -> torch.Tensor:
 class TokenStream:
     def __init__(self, store: ActivationStore, modalities: tuple[str, ...], batch_size: int,
                  buffer_tokens: int, seed: tuple[int, ...], split: str = "train"):
-        block_rows = store.array(modalities[0]).chunks[0]
         self.store, self.batch_size = store, batch_size
-        self.blocks = split_blocks(store, modalities, split, block_rows)
+        self.blocks = split_blocks(store, modalities, split)
+        block_rows = store.array(modalities[0]).chunks[0]
         self.n_tokens = sum(b.stop - b.start for b in self.blocks)
         self.blocks_per_buffer = max(1, math.ceil(buffer_tokens / block_rows))
         if min(buffer_tokens, self.n_tokens) < batch_size:
