@@ -5,7 +5,7 @@ import torch
 
 from stagediff.cache import ActivationStore, cache_activations
 from stagediff.data.items import vqa_items
-from stagediff.diff.neutral import layer_candidates, neutral_evidence, select_features
+from stagediff.diff.neutral import layer_candidates, neutral_evidence, select_features, vlm_rerun
 from stagediff.models.vlm import load_vlm
 from stagediff.sae.topk import TopKSAE
 
@@ -29,7 +29,7 @@ def test_feature_firing_on_every_token_survives_and_a_silent_one_does_not(tiny_w
     fam = "spatial" if "spatial" in families else sorted(families)[0]
     candidates = pd.DataFrame({"feature": [0, 1], "split": fam})
     texts = [cfg["prompts"]["neutral"].format(prompt=p) for p in ("Describe the image.", "What is in the image?")]
-    ev = neutral_evidence(model, processor, sae, 1, ActivationStore(tmp_path / "L1.zarr"), items, candidates,
+    ev = neutral_evidence(vlm_rerun(model, processor, 1), sae, 1, ActivationStore(tmp_path / "L1.zarr"), items, candidates,
                           texts, NEUTRAL, "val")
     n_top = min(2, sum(it.family == fam for it in items))
     assert len(ev) == 2 * n_top * len(texts)

@@ -207,7 +207,7 @@ def cmd_neutral_layer(a) -> None:
 
     from stagediff.cache import ActivationStore
     from stagediff.data.items import vqa_items
-    from stagediff.diff.neutral import EVIDENCE_COLUMNS, layer_candidates, neutral_evidence
+    from stagediff.diff.neutral import EVIDENCE_COLUMNS, layer_candidates, neutral_evidence, vlm_rerun
     from stagediff.io import write_parquet
     from stagediff.models.vlm import load_vlm
     from stagediff.sae.finetune import load_sae
@@ -225,8 +225,8 @@ def cmd_neutral_layer(a) -> None:
     model, processor = load_vlm(p["model"]["vlm"], pick_device(p["device"]), p["model"]["dtype"])
     neutral = [p["prompts"]["neutral"].format(prompt=t) for t in json.loads(Path(p["data"]["neutral_prompts"]).read_text())]
     items = vqa_items(p["data"], split, p["prompts"], p["question_splits"])
-    table = neutral_evidence(model, processor, load_sae(a.sae), a.layer, ActivationStore(a.cache), items, candidates,
-                             neutral, p["neutral"], split)
+    table = neutral_evidence(vlm_rerun(model, processor, a.layer), load_sae(a.sae), a.layer, ActivationStore(a.cache),
+                             items, candidates, neutral, p["neutral"], split)
     log.info("layer %d: %d candidates, %d neutral-prompt runs", a.layer, len(candidates), len(table))
     write_parquet(table, a.out)
 

@@ -12,6 +12,8 @@ ratio; the first ``selection.top_n`` per split are what auto-interp, patching an
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import pandas as pd
 import torch
 
@@ -20,6 +22,7 @@ from stagediff.capture import capture_residuals
 from stagediff.data.items import Item
 from stagediff.sae.stream import read_blocks, split_blocks
 
+Rerun = Callable[[list[Item]], list[torch.Tensor]]
 EVIDENCE_COLUMNS = ["layer", "feature", "split", "sample_id", "prompt", "act_before", "act_after", "fires_after"]
 
 
@@ -36,36 +39,47 @@ def max_per_sample(sae, store: ActivationStore, split: str, features: list[int])
     return pd.concat(parts).groupby(level=0).max()
 
 
+def vlm_rerun(model, processor, layer: int, batch_size: int = 16) -> Rerun:
+    """``rerun(items)``: each item's residuals at ``layer`` over its prompt tokens (no BOS, no padding)."""
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def rerun(items: list[Item]) -> list[torch.Tensor]:
+        out = []
+        for part, b in iter_batches(processor, items, batch_size):
+            mask = b["attention_mask"].bool() & (b["input_ids"] != model.config.text_config.bos_token_id)
+            b = {k: v.to(device) for k, v in b.items()}
+            b["pixel_values"] = b["pixel_values"].to(model.dtype)
+            h = capture_residuals(model, b, [layer])[layer].float().cpu()
+            out += [h[r, mask[r]] for r in range(len(part))]
+        return out
+    return rerun
+
+
 @torch.no_grad()
-def neutral_evidence(model, processor, sae, layer: int, store: ActivationStore, items: list[Item],
-                     candidates: pd.DataFrame, neutral_user_texts: list[str], cfg: dict, split: str,
-                     batch_size: int = 16) -> pd.DataFrame:
-    """One row per (candidate feature, top sample, neutral prompt)."""
+def neutral_evidence(rerun: Rerun, sae, layer: int, store: ActivationStore, items: list[Item],
+                     candidates: pd.DataFrame, neutral_user_texts: list[str], cfg: dict,
+                     split: str) -> pd.DataFrame:
+    """One row per (candidate feature, top sample, neutral prompt).
+
+    ``rerun`` is the VLM (``vlm_rerun``); each (sample, prompt) pair runs once, however many
+    candidates share it.
+    """
     if candidates.empty:
         return pd.DataFrame(columns=EVIDENCE_COLUMNS)
     by_id = {it.sample_id: it for it in items}
     before = max_per_sample(sae, store, split, sorted(set(candidates.feature)))
-    runs = []  # (feature, family, original item, act_before, neutral text)
+    runs = []  # (feature, family, sample id, act_before, neutral text)
     for c in candidates.itertuples():
         family_ids = [s for s in before.index if s in by_id and by_id[s].family == c.split]
         top = before.loc[family_ids, c.feature].nlargest(cfg["n_samples"])
-        runs += [(c.feature, c.split, by_id[s], float(a), t) for s, a in top.items() for t in neutral_user_texts]
-    rows = []
-    device = next(model.parameters()).device
-    for i in range(0, len(runs), batch_size):
-        part = runs[i : i + batch_size]
-        items_ = [Item(it.sample_id, it.image_path, text, "", (), "neutral", "", split) for _, _, it, _, text in part]
-        (_, b), = iter_batches(processor, items_, len(items_))
-        mask = b["attention_mask"].bool() & (b["input_ids"] != model.config.text_config.bos_token_id)
-        b = {k: v.to(device) for k, v in b.items()}
-        b["pixel_values"] = b["pixel_values"].to(model.dtype)
-        h = capture_residuals(model, b, [layer])[layer].float().cpu()
-        codes = sae.dense_codes(h)  # [batch, seq, d_sae]
-        for r, (feature, family, it, act_before, text) in enumerate(part):
-            after = float(codes[r, mask[r], feature].max())
-            rows.append({"layer": layer, "feature": feature, "split": family, "sample_id": it.sample_id,
-                         "prompt": text, "act_before": act_before, "act_after": after,
-                         "fires_after": after > cfg["min_activation"]})
+        runs += [(c.feature, c.split, s, float(a), t) for s, a in top.items() for t in neutral_user_texts]
+    pairs = sorted({(s, t) for _, _, s, _, t in runs})
+    acts = rerun([Item(s, by_id[s].image_path, t, "", (), "neutral", "", split) for s, t in pairs])
+    after = {pair: sae.dense_codes(h).max(0).values for pair, h in zip(pairs, acts)}
+    rows = [{"layer": layer, "feature": f, "split": fam, "sample_id": s, "prompt": t, "act_before": a,
+             "act_after": float(after[s, t][f]), "fires_after": float(after[s, t][f]) > cfg["min_activation"]}
+            for f, fam, s, a, t in runs]
     return pd.DataFrame(rows, columns=EVIDENCE_COLUMNS)
 
 
