@@ -17,6 +17,7 @@ include: "workflow/rules/toy.smk"
 include: "workflow/rules/cache.smk"
 include: "workflow/rules/sae.smk"
 include: "workflow/rules/diff.smk"
+include: "workflow/rules/autointerp.smk"
 
 
 rule all:

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from stagediff import config as sdc
-from stagediff.cache import LayerStoreWriter, cache_batch, iter_batches
+from stagediff.cache import LayerStoreWriter, cache_batch
+from stagediff.models.vlm import iter_batches
 from stagediff.data.items import vqa_items
 from stagediff.data.toy_world import generate_toy_world
 from stagediff.models.toy_lm import train_base_lm

@@ -32,7 +32,7 @@ def _run(world, tmp_path, layers, cfg=CFG):
 def test_cache_equals_hidden_states_at_text_and_image_positions(world, tmp_path):
     cfg, model, processor, items = world
     outs = _run(world, tmp_path, [0, 1])
-    from stagediff.cache import iter_batches
+    from stagediff.models.vlm import iter_batches
 
     expected = {0: {"text": [], "image": []}, 1: {"text": [], "image": []}}
     for part, b in iter_batches(processor, items, 4):
@@ -62,7 +62,7 @@ def test_cache_equals_hidden_states_at_text_and_image_positions(world, tmp_path)
 def test_last_layer_is_block_output_not_final_norm(world):
     """HF's last hidden_states entry is after the final norm; the cache must take the block output."""
     cfg, model, processor, items = world
-    from stagediff.cache import iter_batches
+    from stagediff.models.vlm import iter_batches
 
     last = model.config.text_config.num_hidden_layers - 1
     _, b = next(iter_batches(processor, items, 4))

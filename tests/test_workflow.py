@@ -8,6 +8,7 @@ import yaml
 
 from stagediff.cache import ActivationStore
 from tests.conftest import run_smk
+from tests.llm_server import LLMServer
 
 CFG = ["--configfile", ".test/config.yaml"]
 
@@ -24,7 +25,7 @@ def test_lint(workdir):
 
 
 @pytest.mark.workflow
-def test_end_to_end_then_only_the_changed_layer_is_stale(workdir):
+def test_end_to_end_then_only_the_changed_layer_is_stale(workdir, monkeypatch):
     run_smk("--cores", "2", *CFG, cwd=workdir)
     res = workdir / "results" / "tiny"
     acc = pd.read_parquet(res / "tables" / "vlm_accuracy.parquet")
@@ -45,6 +46,13 @@ def test_end_to_end_then_only_the_changed_layer_is_stale(workdir):
     shift = pd.read_parquet(res / "tables" / "shift.parquet")
     assert set(shift.split) == {"spatial", "ocr"} and len(shift) == 2 * 2 * 64
     assert (res / "figures" / "shift" / "fig9_spatial_shift.png").stat().st_size > 0
+    interp = pd.read_parquet(res / "tables" / "autointerp.parquet")
+    selected = pd.read_parquet(res / "tables" / "selected_features.parquet")
+    assert len(interp) == selected[selected.downstream].drop_duplicates(["layer", "feature"]).shape[0] > 0
+    assert (interp.backend == "offline").all() and (interp.status == "ok").all() and interp.f1.notna().all()
+    for r in interp.itertuples():
+        assert (res / "autointerp" / f"L{r.layer}" / f"feature_{r.feature}.json").is_file()
+        assert (res / "figures" / "autointerp" / f"fig3_L{r.layer}_f{r.feature}.png").stat().st_size > 0
     assert set(summary(workdir).values()) == {"no update"}
 
     cfg_path = workdir / ".test" / "config.yaml"
@@ -59,9 +67,12 @@ def test_end_to_end_then_only_the_changed_layer_is_stale(workdir):
               "results/tiny/figures/shift", "results/tiny/neutral/L1.parquet",
               "results/tiny/tables/selected_features.parquet", "results/tiny/tables/neutral_evidence.parquet"}
     layer1 |= {f"results/tiny/saes/L1/{r}" for r in ("full", "image", "text", "random")}
-    # the adapted set and the multiple-comparison correction are global (all layers together, as the
-    # paper), so layer 0's neutral-prompt job reads tables that layer 1 changed; nothing else of layer 0
-    layer1 |= {"results/tiny/neutral/L0.parquet"}
+    # the adapted set, the multiple-comparison correction and the top-N selection are global (all
+    # layers together, as the paper), so layer 0's jobs that read them rerun too; nothing else of layer 0
+    interp = {f"results/tiny/autointerp/{f}" for layer in (0, 1)
+              for f in (f"examples/L{layer}.json", f"L{layer}", f"L{layer}.parquet")}
+    layer1 |= {"results/tiny/neutral/L0.parquet", "results/tiny/tables/autointerp.parquet",
+               "results/tiny/figures/autointerp"} | interp
     assert stale == {"results/tiny/world/llama_scope/L1R-8x"} | layer1
 
     # rerunning touches exactly those jobs: no cache, no VLM
@@ -75,3 +86,25 @@ def test_end_to_end_then_only_the_changed_layer_is_stale(workdir):
     cfg_path.write_text(yaml.safe_dump(cfg))
     stale = {f for f, plan in summary(workdir).items() if plan != "no update"}
     assert stale == layer1
+    run_smk("--cores", "2", *CFG, cwd=workdir)
+
+    # auto-interp switched to the openai backend, served by a local OpenAI-compatible server: only
+    # the describe jobs (and what reads them) rerun, and every record now comes from that endpoint
+    key = "sk-workflow-test-NEVER-WRITTEN"
+    monkeypatch.setenv("STAGEDIFF_TEST_KEY", key)
+    with LLMServer() as srv:
+        cfg["autointerp"]["backend"] = "openai"
+        cfg["autointerp"]["openai"] = {"base_url": srv.url, "api_key_env": "STAGEDIFF_TEST_KEY"}
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        stale = {f for f, plan in summary(workdir).items() if plan != "no update"}
+        assert stale == {"results/tiny/tables/autointerp.parquet", "results/tiny/figures/autointerp"} | {
+            f"results/tiny/autointerp/L{layer}{ext}" for layer in (0, 1) for ext in ("", ".parquet")}
+        run_smk("--cores", "2", *CFG, cwd=workdir)
+        n_requests = len(srv.requests)
+    interp = pd.read_parquet(res / "tables" / "autointerp.parquet")
+    assert (interp.backend == "openai").all() and (interp.status == "ok").all()
+    # one describe + two rounds per feature, each answered by the server or (same messages) the cache
+    assert n_requests == interp.requests.sum() > 0
+    assert (interp.requests + interp.cached).sum() == len(interp) * (1 + 2)
+    for p in [*(workdir / "results").rglob("*"), *(workdir / "logs").rglob("*")]:
+        assert not p.is_file() or key.encode() not in p.read_bytes(), p

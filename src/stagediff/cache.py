@@ -28,7 +28,7 @@ import zarr
 from stagediff.capture import capture_residuals
 from stagediff.data.items import SPLIT_CODES, Item
 from stagediff.io import atomic_dir
-from stagediff.models.vlm import chat_prompt, encode_batch, load_image, token_masks
+from stagediff.models.vlm import iter_batches, token_masks
 
 log = logging.getLogger(__name__)
 MODALITIES = ("text", "image")
@@ -108,15 +108,6 @@ class LayerStoreWriter:
             for c in cols.values():
                 c.close()
         (self.path / MARKER).write_text(json.dumps(summary, sort_keys=True))
-
-
-def iter_batches(processor, items: list[Item], batch_size: int, pad_to_square: bool = False):
-    """Encoded prompt batches (question only, generation prompt appended; right padding)."""
-    for i in range(0, len(items), batch_size):
-        part = items[i : i + batch_size]
-        b = encode_batch(processor, [load_image(it.image_path, pad_to_square) for it in part],
-                         [chat_prompt(processor, it.user_text) for it in part])
-        yield part, b
 
 
 def cache_activations(model, processor, items: list[Item], layers: list[int], outputs: dict[int, Path],

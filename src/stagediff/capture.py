@@ -11,7 +11,8 @@ import contextlib
 
 import torch
 
-from stagediff.models.vlm import decoder_layers
+from stagediff.data.items import Item
+from stagediff.models.vlm import decoder_layers, iter_batches
 
 
 class _StopForward(Exception):
@@ -50,3 +51,18 @@ def capture_residuals(model, batch: dict, layers: list[int]) -> dict[int, torch.
         except _StopForward:
             pass
     return captured
+
+
+@torch.no_grad()
+def item_residuals(model, processor, items: list[Item], layer: int, batch_size: int = 16):
+    """Per item, in order: (token ids, residuals [n_tokens, d_model] at ``layer``) over its prompt,
+    BOS and padding dropped; image tokens included (their id is ``model.config.image_token_id``)."""
+    device = next(model.parameters()).device
+    for part, b in iter_batches(processor, items, batch_size):
+        keep = b["attention_mask"].bool() & (b["input_ids"] != model.config.text_config.bos_token_id)
+        ids = b["input_ids"]
+        b = {k: v.to(device) for k, v in b.items()}
+        b["pixel_values"] = b["pixel_values"].to(model.dtype)
+        h = capture_residuals(model, b, [layer])[layer].float().cpu()
+        for r, it in enumerate(part):
+            yield it, ids[r, keep[r]], h[r, keep[r]]

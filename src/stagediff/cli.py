@@ -247,6 +247,49 @@ def cmd_select_features(a) -> None:
     write_parquet(sel, a.out)
 
 
+def cmd_autointerp_examples(a) -> None:
+    import pandas as pd
+
+    from stagediff.autointerp.examples import layer_examples
+    from stagediff.data.items import vqa_items, vsr_items
+    from stagediff.io import write_json
+    from stagediff.models.vlm import load_vlm
+    from stagediff.sae.finetune import load_sae
+    from stagediff.seed import pick_device, seed_everything
+
+    p = _params(a.params)
+    seed_everything(p["seed"])
+    ai = p["autointerp"]
+    selected = pd.read_parquet(a.selected)
+    if not (selected.downstream & (selected.layer == a.layer)).any():  # no model load for nothing
+        log.info("layer %d: no downstream features", a.layer)
+        write_json({"layer": a.layer, "features": []}, a.out)
+        return
+    model, processor = load_vlm(p["model"]["vlm"], pick_device(p["device"]), p["model"]["dtype"])
+    split = ai["pool"]["split"]
+    items = (vqa_items(p["data"], split, p["prompts"], p["question_splits"], ai["pool"]["vqa"], p["seed"])
+             + vsr_items(p["data"], split, p["prompts"], ai["pool"]["vsr"]))
+    ex = layer_examples(model, processor, load_sae(a.sae), a.layer, selected, items, ai, p["seed"])
+    log.info("layer %d: examples for %d features from %d pool samples", a.layer, len(ex["features"]), len(items))
+    write_json(ex, a.out)
+
+
+def cmd_autointerp_describe(a) -> None:
+    from stagediff.autointerp.describe import describe_layer
+    from stagediff.io import write_parquet
+
+    p = _params(a.params)
+    ai = p["autointerp"]
+    examples = json.loads(Path(a.examples).read_text())
+    write_parquet(describe_layer(examples, ai, ai["cache_dir"], p["seed"], a.out_dir), a.summary)
+
+
+def cmd_autointerp_figures(a) -> None:
+    from stagediff.figures.autointerp import autointerp_figures
+
+    autointerp_figures(a.dirs, a.out_dir)
+
+
 # subcommand: (function, help, options); an option is a name or (name, argparse kwargs)
 COMMANDS = {
     "check-config": (cmd_check_config, "validate a config file and print a summary", [("config", {})]),
@@ -288,6 +331,12 @@ COMMANDS = {
     "neutral-layer": (cmd_neutral_layer, "neutral-prompt filter: rerun top samples of one layer's candidates",
                       ["--params", "--cache", "--sae", "--shift", "--adapted",
                        ("--layer", {"type": int, "required": True}), "--out"]),
+    "autointerp-examples": (cmd_autointerp_examples, "top-activating samples, held-out positives, negatives per feature",
+                            ["--params", "--sae", "--selected", ("--layer", {"type": int, "required": True}), "--out"]),
+    "autointerp-describe": (cmd_autointerp_describe, "describe each feature (LLM or offline) and validate it (F1)",
+                            ["--params", "--examples", "--out-dir", "--summary"]),
+    "autointerp-figures": (cmd_autointerp_figures, "Fig 3-style panels: top samples, activations, description",
+                           [("dirs", {"nargs": "+"}), "--out-dir"]),
     "select-features": (cmd_select_features, "candidates ∩ neutral survivors ∩ adapted, ranked; top-N downstream",
                         ["--params", "--shift", "--adapted", ("--evidence", {"nargs": "+", "required": True}),
                          "--evidence-out", "--out"]),

@@ -63,6 +63,7 @@ def all_targets():
     targets += [f"{OUT}/tables/adapted_features.parquet", f"{OUT}/figures/diff"]
     targets += [f"{OUT}/tables/shift.parquet", f"{OUT}/figures/shift"]
     targets += [f"{OUT}/tables/selected_features.parquet"]
+    targets += [f"{OUT}/tables/autointerp.parquet", f"{OUT}/figures/autointerp"]
     if TOY:
         targets += [config["base_sae"]["path"].format(layer=layer) for layer in LAYERS]
     return targets

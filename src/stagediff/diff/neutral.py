@@ -17,8 +17,8 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from stagediff.cache import ActivationStore, iter_batches
-from stagediff.capture import capture_residuals
+from stagediff.cache import ActivationStore
+from stagediff.capture import item_residuals
 from stagediff.data.items import Item
 from stagediff.sae.stream import read_blocks, split_blocks
 
@@ -41,19 +41,7 @@ def max_per_sample(sae, store: ActivationStore, split: str, features: list[int])
 
 def vlm_rerun(model, processor, layer: int, batch_size: int = 16) -> Rerun:
     """``rerun(items)``: each item's residuals at ``layer`` over its prompt tokens (no BOS, no padding)."""
-    device = next(model.parameters()).device
-
-    @torch.no_grad()
-    def rerun(items: list[Item]) -> list[torch.Tensor]:
-        out = []
-        for part, b in iter_batches(processor, items, batch_size):
-            mask = b["attention_mask"].bool() & (b["input_ids"] != model.config.text_config.bos_token_id)
-            b = {k: v.to(device) for k, v in b.items()}
-            b["pixel_values"] = b["pixel_values"].to(model.dtype)
-            h = capture_residuals(model, b, [layer])[layer].float().cpu()
-            out += [h[r, mask[r]] for r in range(len(part))]
-        return out
-    return rerun
+    return lambda items: [h for _, _, h in item_residuals(model, processor, items, layer, batch_size)]
 
 
 @torch.no_grad()

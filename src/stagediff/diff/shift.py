@@ -95,5 +95,5 @@ def mark_candidates(table: pd.DataFrame, cfg: dict) -> pd.DataFrame:
         table.loc[idx, "p_adjusted"] = (np.minimum(p * len(p), 1.0) if cfg["correction"] == "bonferroni"
                                         else stats.false_discovery_control(p, method="bh"))
     table["candidate"] = ((table.delta_p > cfg["min_delta_p"]) & (table.or_ci_low > cfg["min_odds_ratio"])
-                          & (table.p_adjusted < cfg["alpha"]))
+                          & (table.p_adjusted <= cfg["alpha"]))
     return table

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from stagediff.data.items import Item
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -61,3 +63,12 @@ def token_masks(batch: dict, model) -> tuple[torch.Tensor, torch.Tensor]:
     image = ids == model.config.image_token_id
     text = attn & ~image & (ids != model.config.text_config.bos_token_id)
     return image, text
+
+
+def iter_batches(processor, items: list[Item], batch_size: int, pad_to_square: bool = False):
+    """Encoded prompt batches (question only, generation prompt appended; right padding)."""
+    for i in range(0, len(items), batch_size):
+        part = items[i : i + batch_size]
+        b = encode_batch(processor, [load_image(it.image_path, pad_to_square) for it in part],
+                         [chat_prompt(processor, it.user_text) for it in part])
+        yield part, b
