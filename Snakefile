@@ -18,6 +18,7 @@ include: "workflow/rules/cache.smk"
 include: "workflow/rules/sae.smk"
 include: "workflow/rules/diff.smk"
 include: "workflow/rules/autointerp.smk"
+include: "workflow/rules/patching.smk"
 
 
 rule all:

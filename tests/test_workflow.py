@@ -2,6 +2,7 @@
 import csv
 import io
 
+import h5py
 import pandas as pd
 import pytest
 import yaml
@@ -53,6 +54,16 @@ def test_end_to_end_then_only_the_changed_layer_is_stale(workdir, monkeypatch):
     for r in interp.itertuples():
         assert (res / "autointerp" / f"L{r.layer}" / f"feature_{r.feature}.json").is_file()
         assert (res / "figures" / "autointerp" / f"fig3_L{r.layer}_f{r.feature}.png").stat().st_size > 0
+    heads = pd.read_parquet(res / "tables" / "head_scores.parquet")
+    val = pd.read_parquet(res / "tables" / "patching_validation.parquet")
+    assert len(val) == len(interp) and set(heads.view) == {"q", "k", "o"} and val.spearman_a.notna().all()
+    for r in val.itertuples():
+        with h5py.File(res / "patching" / f"L{r.layer}" / f"feature_{r.feature}.h5") as f:
+            assert f["method_b/o"].shape == (r.n_samples, r.layer + 1, 2) and "axes" in f["attention_to_image"].attrs
+    ablation = pd.read_parquet(res / "tables" / "ablation.parquet")
+    assert set(zip(ablation.layer, ablation.feature)) <= set(zip(val.layer, val.feature)) and len(ablation) > 0
+    assert "ΔVSR Acc" in (res / "tables" / "ablation.md").read_text()
+    assert (res / "figures" / "patching" / "fig14_head_attribution.pdf").stat().st_size > 0
     assert set(summary(workdir).values()) == {"no update"}
 
     cfg_path = workdir / ".test" / "config.yaml"
@@ -71,8 +82,14 @@ def test_end_to_end_then_only_the_changed_layer_is_stale(workdir, monkeypatch):
     # layers together, as the paper), so layer 0's jobs that read them rerun too; nothing else of layer 0
     interp = {f"results/tiny/autointerp/{f}" for layer in (0, 1)
               for f in (f"examples/L{layer}.json", f"L{layer}", f"L{layer}.parquet")}
-    layer1 |= {"results/tiny/neutral/L0.parquet", "results/tiny/tables/autointerp.parquet",
-               "results/tiny/figures/autointerp"} | interp
+    per_layer = {f"results/tiny/{f}" for layer in (0, 1) for f in (
+        f"patching/L{layer}", f"patching/L{layer}_scores.parquet", f"patching/L{layer}_validation.parquet",
+        f"ablation/L{layer}.parquet")}
+    tables = {f"results/tiny/tables/{t}" for t in ("autointerp.parquet", "head_scores.parquet",
+                                                  "patching_validation.parquet", "ablation.parquet",
+                                                  "ablation_seeds.parquet", "ablation.md", "ablation.tex")}
+    layer1 |= {"results/tiny/neutral/L0.parquet", "results/tiny/figures/autointerp",
+               "results/tiny/figures/patching"} | interp | per_layer | tables
     assert stale == {"results/tiny/world/llama_scope/L1R-8x"} | layer1
 
     # rerunning touches exactly those jobs: no cache, no VLM

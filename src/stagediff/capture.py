@@ -15,22 +15,24 @@ from stagediff.data.items import Item
 from stagediff.models.vlm import decoder_layers, iter_batches
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     pass
 
 
 @contextlib.contextmanager
-def residual_hooks(model, layers: list[int], stop_after_deepest: bool = True):
-    """Yield a dict filled with ``{layer: block output}`` by the next forward through ``model``."""
+def residual_hooks(model, layers: list[int], stop_after_deepest: bool = True, detach: bool = True):
+    """Yield a dict filled with ``{layer: block output}`` by the next forward through ``model``
+    (``detach=False`` keeps the autograd graph, for gradients of the block output)."""
     blocks = decoder_layers(model)
     deepest = max(layers)
     captured: dict[int, torch.Tensor] = {}
 
     def hook_for(layer: int):
         def hook(_module, _args, output):
-            captured[layer] = (output[0] if isinstance(output, tuple) else output).detach()
+            y = output[0] if isinstance(output, tuple) else output
+            captured[layer] = y.detach() if detach else y
             if stop_after_deepest and layer == deepest:
-                raise _StopForward
+                raise StopForward
 
         return hook
 
@@ -48,7 +50,7 @@ def capture_residuals(model, batch: dict, layers: list[int]) -> dict[int, torch.
     with residual_hooks(model, layers) as captured:
         try:
             model(**batch, use_cache=False)
-        except _StopForward:
+        except StopForward:
             pass
     return captured
 

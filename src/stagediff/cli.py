@@ -290,6 +290,95 @@ def cmd_autointerp_figures(a) -> None:
     autointerp_figures(a.dirs, a.out_dir)
 
 
+def _world(p: dict):
+    """The VLM on the configured device, seeded."""
+    from stagediff.models.vlm import load_vlm
+    from stagediff.seed import pick_device, seed_everything
+
+    seed_everything(p["seed"])
+    return load_vlm(p["model"]["vlm"], pick_device(p["device"]), p["model"]["dtype"])
+
+
+def cmd_patching_mean(a) -> None:
+    from safetensors.torch import save_file
+
+    from stagediff.data.items import vqa_items
+    from stagediff.io import atomic_file
+    from stagediff.patching.heads import mean_visual_embedding
+
+    p = _params(a.params)
+    pc = p["patching"]
+    model, processor = _world(p)
+    items = vqa_items(p["data"], "train", p["prompts"], p["question_splits"], pc["mean_samples"], p["seed"])
+    mean = mean_visual_embedding(model, processor, items, pc["mean_per_position"])
+    log.info("mean visual embedding over %d training questions' images: shape %s", len(items), tuple(mean.shape))
+    with atomic_file(a.out) as tmp:
+        save_file({"mean": mean.contiguous()}, str(tmp), metadata={"n_items": str(len(items))})
+
+
+def cmd_patching_layer(a) -> None:
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    from stagediff.cache import ActivationStore
+    from stagediff.data.items import vqa_items
+    from stagediff.io import write_parquet
+    from stagediff.patching.layer import patching_layer
+    from stagediff.sae.finetune import load_sae
+
+    p = _params(a.params)
+    model, processor = _world(p)
+    split = p["shift"]["split"]
+    items = vqa_items(p["data"], split, p["prompts"], p["question_splits"])
+    scores, val = patching_layer(model, processor, load_sae(a.sae), a.layer, ActivationStore(a.cache), items,
+                                 pd.read_parquet(a.selected), load_file(a.mean)["mean"], p["patching"], split,
+                                 a.out_dir)
+    write_parquet(scores, a.scores)
+    write_parquet(val, a.validation)
+
+
+def cmd_ablation_layer(a) -> None:
+    import pandas as pd
+
+    from stagediff.data.items import vqa_items, vsr_items, vsr_relations
+    from stagediff.io import write_parquet
+    from stagediff.patching.ablation import ablation_layer
+    from stagediff.sae.finetune import load_sae
+
+    p = _params(a.params)
+    ab = p["ablation"]
+    model, processor = _world(p)
+    vsr_pool = vsr_items(p["data"], ab["pool_split"], p["prompts"])
+    vsr_eval = vsr_items(p["data"], ab["split"], p["prompts"])
+    relations = vsr_relations(p["data"], ab["pool_split"]) | vsr_relations(p["data"], ab["split"])
+    yes_no = [it for it in vqa_items(p["data"], ab["split"], p["prompts"], p["question_splits"])
+              if it.answer_type == "yes/no"][: ab["max_vqa"]]
+    rows = ablation_layer(model, processor, load_sae(a.sae), a.layer, pd.read_parquet(a.selected), vsr_pool,
+                          vsr_eval, relations, yes_no, ab)
+    write_parquet(rows, a.out)
+
+
+def cmd_ablation_table(a) -> None:
+    from stagediff.io import atomic_file, write_parquet
+    from stagediff.patching.ablation import render, summarise
+
+    p = _params(a.params)
+    per_seed = _read_tables(a.tables)
+    table = summarise(per_seed)
+    md, tex = render(table, p["ablation"]["table_top_n"])
+    write_parquet(per_seed, a.per_seed)
+    write_parquet(table, a.out)
+    for text, path in ((md, a.markdown), (tex, a.latex)):
+        with atomic_file(path) as tmp:
+            tmp.write_text(text)
+
+
+def cmd_patching_figures(a) -> None:
+    from stagediff.figures.patching import patching_figures
+
+    patching_figures(_read_tables(a.scores), a.dirs, _params(a.params)["patching"], a.out_dir)
+
+
 # subcommand: (function, help, options); an option is a name or (name, argparse kwargs)
 COMMANDS = {
     "check-config": (cmd_check_config, "validate a config file and print a summary", [("config", {})]),
@@ -337,6 +426,18 @@ COMMANDS = {
                             ["--params", "--examples", "--out-dir", "--summary"]),
     "autointerp-figures": (cmd_autointerp_figures, "Fig 3-style panels: top samples, activations, description",
                            [("dirs", {"nargs": "+"}), "--out-dir"]),
+    "patching-mean": (cmd_patching_mean, "the mean visual-token embedding (the corrupt run's input)",
+                      ["--params", "--out"]),
+    "patching-layer": (cmd_patching_layer, "attribution patching (Methods A, B; exact check) of a layer's features",
+                       ["--params", "--cache", "--sae", "--selected", "--mean", ("--layer", {"type": int, "required": True}),
+                        "--out-dir", "--scores", "--validation"]),
+    "ablation-layer": (cmd_ablation_layer, "ablate each downstream feature of a layer: VSR, VQA, random controls",
+                       ["--params", "--sae", "--selected", ("--layer", {"type": int, "required": True}), "--out"]),
+    "ablation-table": (cmd_ablation_table, "Tables 1 and 2 (Parquet, Markdown, LaTeX) from the per-layer rows",
+                       ["--params", ("tables", {"nargs": "+"}), "--per-seed", "--out", "--markdown", "--latex"]),
+    "patching-figures": (cmd_patching_figures, "Fig 13, 14, 15/16 and head recurrence (Fig 4 idea)",
+                         ["--params", ("--scores", {"nargs": "+", "required": True}),
+                          ("--dirs", {"nargs": "+", "required": True}), "--out-dir"]),
     "select-features": (cmd_select_features, "candidates ∩ neutral survivors ∩ adapted, ranked; top-N downstream",
                         ["--params", "--shift", "--adapted", ("--evidence", {"nargs": "+", "required": True}),
                          "--evidence-out", "--out"]),

@@ -56,3 +56,10 @@ def vsr_items(data: dict, split: str, prompts: dict, n: int | None = None) -> li
         out.append(Item(10**9 * (SPLIT_CODES[split] + 1) + s.index, s.image_path,
                         prompts["vsr"].format(caption=s.caption), ans, (ans,) * 10, "vsr", "yes/no", split))
     return out
+
+
+def vsr_relations(data: dict, split: str) -> dict[int, str]:
+    """Item sample id -> the caption's VSR relation ("left of", "on top of", ...)."""
+    v = data["vsr"]
+    return {10**9 * (SPLIT_CODES[split] + 1) + s.index: s.relation
+            for s in load_vsr(Path(v["root"]) / f"{v['splits'][split]}.jsonl", v["images"])}
