@@ -101,14 +101,19 @@ def test_offline_backend_is_labelled_deterministic_and_scored(tmp_path):
     assert not (tmp_path / "cache").exists()  # offline: no API, nothing cached
 
 
+def describe_once(srv: LLMServer, tmp_path) -> tuple[dict, Usage]:
+    """One describe request through a fresh client (and cache) against ``srv``."""
+    client = LLMClient(openai_cfg(srv.url)["openai"], tmp_path / "cache")
+    usage = Usage()
+    msgs = [{"role": "system", "content": "Produce *one* sentence"}, {"role": "user", "content": []}]
+    return client.ask_json(msgs, DESCRIBE_SCHEMA, usage), usage
+
+
 def test_retries_429_500_and_timeout_then_answers(tmp_path, caplog):
     caplog.set_level(logging.DEBUG)  # openai's and httpx's debug logs included
     with LLMServer() as srv:
         srv.script = [(429, None, 0.0), (500, None, 0.0), (200, None, 3.0), (200, None, 0.0)]
-        client = LLMClient(openai_cfg(srv.url)["openai"], tmp_path / "cache")
-        usage = Usage()
-        msgs = [{"role": "system", "content": "Produce *one* sentence"}, {"role": "user", "content": []}]
-        ans = client.ask_json(msgs, DESCRIBE_SCHEMA, usage)
+        ans, usage = describe_once(srv, tmp_path)
     assert ans["description"].startswith("questions about")
     assert usage.requests == 4 and usage.retries == 3 and usage.failures == 0
     assert usage.prompt_tokens == 100 and usage.completion_tokens == 10  # only the answered request
@@ -119,10 +124,7 @@ def test_retries_429_500_and_timeout_then_answers(tmp_path, caplog):
 def test_malformed_answers_are_reasked_with_the_error(tmp_path):
     with LLMServer() as srv:
         srv.script = [(200, "this is not json", 0.0), (200, json.dumps({"description": ""}), 0.0)]
-        client = LLMClient(openai_cfg(srv.url)["openai"], tmp_path / "cache")
-        usage = Usage()
-        msgs = [{"role": "system", "content": "Produce *one* sentence"}, {"role": "user", "content": []}]
-        ans = client.ask_json(msgs, DESCRIBE_SCHEMA, usage)
+        ans, usage = describe_once(srv, tmp_path)
         third = srv.requests[2]["body"]["messages"]
     assert ans["description"] and usage.reasks == 2 and usage.requests == 3
     assert third[-2]["content"] == json.dumps({"description": ""}) and "invalid" in third[-1]["content"]

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from stagediff.capture import residual_hooks
+from stagediff.capture import StopForward, residual_hooks
 from stagediff.data.items import vqa_items
 from stagediff.models.vlm import iter_batches, load_vlm, token_masks
 from stagediff.patching.ablation import ablate_direction, render, summarise
@@ -29,18 +29,25 @@ def world(tiny_world):
     return model, processor, batch, mean, v / v.norm()
 
 
+def forward(model, batch) -> None:
+    """A forward that the residual hook may stop after its layer."""
+    try:
+        model(**batch, use_cache=False)
+    except StopForward:
+        pass
+
+
 def first_block_input(model, batch):
     """The embeddings the decoder sees: the input of block 0."""
     seen = {}
-    h = model.model.language_model.layers[0].register_forward_pre_hook(
-        lambda _m, args, kwargs: seen.setdefault("x", kwargs.get("hidden_states", args[0] if args else None)),
-        with_kwargs=True)
+
+    def hook(_m, args, kwargs):
+        seen["x"] = kwargs.get("hidden_states", args[0] if args else None)
+
+    h = model.model.language_model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad(), residual_hooks(model, [0]):
-            try:
-                model(**batch, use_cache=False)
-            except Exception:
-                pass
+            forward(model, batch)
     finally:
         h.remove()
     return seen["x"]
@@ -61,15 +68,9 @@ def test_ablation_removes_exactly_the_component_at_text_positions_only(world):
     model, _, batch, _, v = world
     image, text = token_masks(batch, model)
     with torch.no_grad(), residual_hooks(model, [LAYER]) as clean:
-        try:
-            model(**batch, use_cache=False)
-        except Exception:
-            pass
+        forward(model, batch)
     with torch.no_grad(), ablate_direction(model, LAYER, v, text), residual_hooks(model, [LAYER]) as ablated:
-        try:
-            model(**batch, use_cache=False)
-        except Exception:
-            pass
+        forward(model, batch)
     y, z = clean[LAYER], ablated[LAYER]
     assert torch.equal(y[image], z[image])  # image positions untouched
     expected = y[text] - (y[text] @ v)[:, None] * v

@@ -28,6 +28,24 @@ def _params(text: str) -> dict:
     return json.loads(text)
 
 
+def _world(p: dict):
+    """The VLM on the configured device, after seeding everything."""
+    from stagediff.models.vlm import load_vlm
+    from stagediff.seed import pick_device, seed_everything
+
+    seed_everything(p["seed"])
+    return load_vlm(p["model"]["vlm"], pick_device(p["device"]), p["model"]["dtype"])
+
+
+def _has_downstream(selected, layer: int) -> bool:
+    """Whether the layer has features to study; if not, a model-running job writes an empty result
+    instead of loading the VLM (minutes for an 8B model)."""
+    if (selected.downstream & (selected.layer == layer)).any():
+        return True
+    log.info("layer %d: no downstream features", layer)
+    return False
+
+
 def cmd_check_config(a) -> None:
     from stagediff import config
 
@@ -68,13 +86,10 @@ def cmd_vlm_accuracy(a) -> None:
     from stagediff.data.items import vqa_items, vsr_items
     from stagediff.evaluate_vlm import accuracy_table, predict
     from stagediff.io import write_parquet
-    from stagediff.models.vlm import load_vlm
-    from stagediff.seed import pick_device, seed_everything
 
     p = _params(a.params)
-    seed_everything(p["seed"])
     e = p["evaluate_vlm"]
-    model, processor = load_vlm(p["model"]["vlm"], pick_device(p["device"]), p["model"]["dtype"])
+    model, processor = _world(p)
     items = (vqa_items(p["data"], e["split"], p["prompts"], p["question_splits"], e["n"], p["seed"])
              + vsr_items(p["data"], e["split"], p["prompts"], e["n"]))
     preds = predict(model, processor, items, e["batch_size"], e["max_new_tokens"], p["model"]["pad_to_square"])
@@ -209,12 +224,9 @@ def cmd_neutral_layer(a) -> None:
     from stagediff.data.items import vqa_items
     from stagediff.diff.neutral import EVIDENCE_COLUMNS, layer_candidates, neutral_evidence, vlm_rerun
     from stagediff.io import write_parquet
-    from stagediff.models.vlm import load_vlm
     from stagediff.sae.finetune import load_sae
-    from stagediff.seed import pick_device, seed_everything
 
     p = _params(a.params)
-    seed_everything(p["seed"])
     split = p["shift"]["split"]
     candidates = layer_candidates(pd.read_parquet(a.shift), pd.read_parquet(a.adapted), a.layer,
                                   p["neutral"]["only_adapted"])
@@ -222,7 +234,7 @@ def cmd_neutral_layer(a) -> None:
         log.info("layer %d: no candidates", a.layer)
         write_parquet(pd.DataFrame(columns=EVIDENCE_COLUMNS), a.out)
         return
-    model, processor = load_vlm(p["model"]["vlm"], pick_device(p["device"]), p["model"]["dtype"])
+    model, processor = _world(p)
     neutral = [p["prompts"]["neutral"].format(prompt=t) for t in json.loads(Path(p["data"]["neutral_prompts"]).read_text())]
     items = vqa_items(p["data"], split, p["prompts"], p["question_splits"])
     table = neutral_evidence(vlm_rerun(model, processor, a.layer), load_sae(a.sae), a.layer, ActivationStore(a.cache),
@@ -253,19 +265,15 @@ def cmd_autointerp_examples(a) -> None:
     from stagediff.autointerp.examples import layer_examples
     from stagediff.data.items import vqa_items, vsr_items
     from stagediff.io import write_json
-    from stagediff.models.vlm import load_vlm
     from stagediff.sae.finetune import load_sae
-    from stagediff.seed import pick_device, seed_everything
 
     p = _params(a.params)
-    seed_everything(p["seed"])
     ai = p["autointerp"]
     selected = pd.read_parquet(a.selected)
-    if not (selected.downstream & (selected.layer == a.layer)).any():  # no model load for nothing
-        log.info("layer %d: no downstream features", a.layer)
+    if not _has_downstream(selected, a.layer):
         write_json({"layer": a.layer, "features": []}, a.out)
         return
-    model, processor = load_vlm(p["model"]["vlm"], pick_device(p["device"]), p["model"]["dtype"])
+    model, processor = _world(p)
     split = ai["pool"]["split"]
     items = (vqa_items(p["data"], split, p["prompts"], p["question_splits"], ai["pool"]["vqa"], p["seed"])
              + vsr_items(p["data"], split, p["prompts"], ai["pool"]["vsr"]))
@@ -288,15 +296,6 @@ def cmd_autointerp_figures(a) -> None:
     from stagediff.figures.autointerp import autointerp_figures
 
     autointerp_figures(a.dirs, a.out_dir)
-
-
-def _world(p: dict):
-    """The VLM on the configured device, seeded."""
-    from stagediff.models.vlm import load_vlm
-    from stagediff.seed import pick_device, seed_everything
-
-    seed_everything(p["seed"])
-    return load_vlm(p["model"]["vlm"], pick_device(p["device"]), p["model"]["dtype"])
 
 
 def cmd_patching_mean(a) -> None:
@@ -326,13 +325,21 @@ def cmd_patching_layer(a) -> None:
     from stagediff.patching.layer import patching_layer
     from stagediff.sae.finetune import load_sae
 
+    from stagediff.io import atomic_dir
+
     p = _params(a.params)
+    selected = pd.read_parquet(a.selected)
+    if not _has_downstream(selected, a.layer):
+        with atomic_dir(a.out_dir):
+            pass
+        write_parquet(pd.DataFrame(), a.scores)
+        write_parquet(pd.DataFrame(), a.validation)
+        return
     model, processor = _world(p)
     split = p["shift"]["split"]
     items = vqa_items(p["data"], split, p["prompts"], p["question_splits"])
     scores, val = patching_layer(model, processor, load_sae(a.sae), a.layer, ActivationStore(a.cache), items,
-                                 pd.read_parquet(a.selected), load_file(a.mean)["mean"], p["patching"], split,
-                                 a.out_dir)
+                                 selected, load_file(a.mean)["mean"], p["patching"], split, a.out_dir)
     write_parquet(scores, a.scores)
     write_parquet(val, a.validation)
 
@@ -347,13 +354,17 @@ def cmd_ablation_layer(a) -> None:
 
     p = _params(a.params)
     ab = p["ablation"]
+    selected = pd.read_parquet(a.selected)
+    if not _has_downstream(selected, a.layer):
+        write_parquet(pd.DataFrame(), a.out)
+        return
     model, processor = _world(p)
     vsr_pool = vsr_items(p["data"], ab["pool_split"], p["prompts"])
     vsr_eval = vsr_items(p["data"], ab["split"], p["prompts"])
     relations = vsr_relations(p["data"], ab["pool_split"]) | vsr_relations(p["data"], ab["split"])
     yes_no = [it for it in vqa_items(p["data"], ab["split"], p["prompts"], p["question_splits"])
               if it.answer_type == "yes/no"][: ab["max_vqa"]]
-    rows = ablation_layer(model, processor, load_sae(a.sae), a.layer, pd.read_parquet(a.selected), vsr_pool,
+    rows = ablation_layer(model, processor, load_sae(a.sae), a.layer, selected, vsr_pool,
                           vsr_eval, relations, yes_no, ab)
     write_parquet(rows, a.out)
 
@@ -420,6 +431,9 @@ COMMANDS = {
     "neutral-layer": (cmd_neutral_layer, "neutral-prompt filter: rerun top samples of one layer's candidates",
                       ["--params", "--cache", "--sae", "--shift", "--adapted",
                        ("--layer", {"type": int, "required": True}), "--out"]),
+    "select-features": (cmd_select_features, "candidates ∩ neutral survivors ∩ adapted, ranked; top-N downstream",
+                        ["--params", "--shift", "--adapted", ("--evidence", {"nargs": "+", "required": True}),
+                         "--evidence-out", "--out"]),
     "autointerp-examples": (cmd_autointerp_examples, "top-activating samples, held-out positives, negatives per feature",
                             ["--params", "--sae", "--selected", ("--layer", {"type": int, "required": True}), "--out"]),
     "autointerp-describe": (cmd_autointerp_describe, "describe each feature (LLM or offline) and validate it (F1)",
@@ -438,9 +452,6 @@ COMMANDS = {
     "patching-figures": (cmd_patching_figures, "Fig 13, 14, 15/16 and head recurrence (Fig 4 idea)",
                          ["--params", ("--scores", {"nargs": "+", "required": True}),
                           ("--dirs", {"nargs": "+", "required": True}), "--out-dir"]),
-    "select-features": (cmd_select_features, "candidates ∩ neutral survivors ∩ adapted, ranked; top-N downstream",
-                        ["--params", "--shift", "--adapted", ("--evidence", {"nargs": "+", "required": True}),
-                         "--evidence-out", "--out"]),
 }
 
 
