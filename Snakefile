@@ -19,6 +19,7 @@ include: "workflow/rules/sae.smk"
 include: "workflow/rules/diff.smk"
 include: "workflow/rules/autointerp.smk"
 include: "workflow/rules/patching.smk"
+include: "workflow/rules/visual.smk"
 
 
 rule all:

@@ -64,6 +64,14 @@ def test_end_to_end_then_only_the_changed_layer_is_stale(workdir, monkeypatch):
     assert set(zip(ablation.layer, ablation.feature)) <= set(zip(val.layer, val.feature)) and len(ablation) > 0
     assert "ΔVSR Acc" in (res / "tables" / "ablation.md").read_text()
     assert (res / "figures" / "patching" / "fig14_head_attribution.pdf").stat().st_size > 0
+    tokens = pd.read_parquet(res / "tables" / "visual_token_ablation.parquet")
+    assert tokens.ablation.tolist() == ["object", "object+1", "object+2", "register", "int_gradients_1", "random_1",
+                                        "int_gradients_2", "random_2", "random_matched"]
+    lens = pd.read_parquet(res / "tables" / "visual_logit_lens.parquet")
+    assert set(lens.layer) == {0, 1, 2} and lens.fraction.between(0, 1).all()
+    knock = pd.read_parquet(res / "tables" / "visual_knockout.parquet")
+    assert len(knock) == 6 * 3 and set(knock.window) == {"early", "late", "all"}
+    assert (res / "figures" / "visual" / "neo_logit_lens_fraction.png").stat().st_size > 0
     assert set(summary(workdir).values()) == {"no update"}
 
     cfg_path = workdir / ".test" / "config.yaml"

@@ -390,6 +390,66 @@ def cmd_patching_figures(a) -> None:
     patching_figures(_read_tables(a.scores), a.dirs, _params(a.params)["patching"], a.out_dir)
 
 
+def _visual_setup(p: dict):
+    """The VLM and the object records of ``visual.split`` (COCO-format instances, same images as VQAv2)."""
+    from stagediff.visual.experiments import object_records
+
+    model, processor = _world(p)
+    v = p["visual"]
+    subtype = p["data"]["vqav2"]["subtypes"][v["split"]]
+    grid = int(model.config.image_seq_length ** 0.5)
+    records = object_records(Path(p["data"]["coco"]["root"]) / f"instances_{subtype}.json",
+                             Path(p["data"]["vqav2"]["images"]) / subtype, v["n_images"], p["seed"], grid,
+                             p["model"]["pad_to_square"])
+    log.info("%d objects in %d %s images", len(records), len({r.image_id for r in records}), v["split"])
+    return model, processor, records, grid
+
+
+def cmd_visual_ablation(a) -> None:
+    from safetensors.torch import load_file
+
+    from stagediff.io import write_parquet
+    from stagediff.visual.experiments import token_ablation, token_sets
+
+    p = _params(a.params)
+    model, processor, records, grid = _visual_setup(p)
+    mean = load_file(a.mean)["mean"]
+    sets = token_sets(model, processor, records, p["visual"], p["prompts"], mean, grid, p["seed"])
+    write_parquet(token_ablation(model, processor, records, sets, p["visual"], p["prompts"], mean), a.out)
+
+
+def cmd_visual_logit_lens(a) -> None:
+    from stagediff.io import write_json, write_parquet
+    from stagediff.visual.experiments import logit_lens_table
+
+    p = _params(a.params)
+    model, processor, records, _ = _visual_setup(p)
+    table, maps = logit_lens_table(model, processor, records, p["prompts"], p["visual"])
+    best = table.groupby("layer").fraction.mean()
+    log.info("logit lens: object-patch share decoding to the class word per layer %s; best layer %d",
+             best.round(3).to_dict(), int(best.idxmax()))
+    write_parquet(table, a.out)
+    write_json(maps, a.maps)
+
+
+def cmd_visual_knockout(a) -> None:
+    from stagediff.io import write_parquet
+    from stagediff.visual.experiments import knockout_table
+
+    p = _params(a.params)
+    model, processor, records, grid = _visual_setup(p)
+    write_parquet(knockout_table(model, processor, records, p["visual"], p["prompts"], grid), a.out)
+
+
+def cmd_visual_figures(a) -> None:
+    import pandas as pd
+
+    from stagediff.figures.visual import visual_figures
+
+    visual_figures(pd.read_parquet(a.ablation), pd.read_parquet(a.logit_lens), json.loads(Path(a.maps).read_text()),
+                   pd.read_parquet(a.knockout), a.out_dir)
+
+
 # subcommand: (function, help, options); an option is a name or (name, argparse kwargs)
 COMMANDS = {
     "check-config": (cmd_check_config, "validate a config file and print a summary", [("config", {})]),
@@ -452,6 +512,14 @@ COMMANDS = {
     "patching-figures": (cmd_patching_figures, "Fig 13, 14, 15/16 and head recurrence (Fig 4 idea)",
                          ["--params", ("--scores", {"nargs": "+", "required": True}),
                           ("--dirs", {"nargs": "+", "required": True}), "--out-dir"]),
+    "visual-ablation": (cmd_visual_ablation, "Neo et al. Table 1: mean-ablate object/buffer/register/IG/random tokens",
+                        ["--params", "--mean", "--out"]),
+    "visual-logit-lens": (cmd_visual_logit_lens, "logit lens on visual tokens: class-word share per layer",
+                          ["--params", "--out", "--maps"]),
+    "visual-knockout": (cmd_visual_knockout, "Neo et al. Table 2: attention knockout between token groups",
+                        ["--params", "--out"]),
+    "visual-figures": (cmd_visual_figures, "token-ablation, logit-lens and knockout figures and Markdown tables",
+                       ["--ablation", "--logit-lens", "--maps", "--knockout", "--out-dir"]),
 }
 
 

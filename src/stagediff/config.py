@@ -99,6 +99,10 @@ def _check_layers(config: dict, source: str) -> None:
         for k in lay["overrides"]:
             if int(k) not in config["layers"]:
                 raise ConfigError(f"{source}: per-layer override for layer {k} but layers = {config['layers']}")
+    for name, (lo, hi) in config["visual"]["windows"].items():
+        if not 0 <= lo <= hi < n:
+            raise ConfigError(f"{source}: config key visual.windows.{name} = [{lo}, {hi}] is not a layer range "
+                              f"within {key} = {n}")
     d = config["diff"]
     if d["p_cos"] not in d["sweep"]["p_cos"] or d["epsilon"] not in d["sweep"]["epsilon"]:
         raise ConfigError(f"{source}: config key diff.sweep must contain the operating point "

@@ -60,3 +60,10 @@ def save_figure(fig, folder: str | Path, name: str) -> None:
 def write_json(obj, path: str | Path) -> None:
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def markdown_table(t: pd.DataFrame) -> str:
+    """A DataFrame as a GitHub Markdown table (floats to 2 decimals), without extra dependencies."""
+    cell = lambda x: f"{x:.2f}" if isinstance(x, float) else str(x)  # noqa: E731
+    lines = ["| " + " | ".join(t.columns) + " |", "|" + "---|" * len(t.columns)]
+    return "\n".join(lines + ["| " + " | ".join(cell(x) for x in row) + " |" for row in t.itertuples(index=False)])

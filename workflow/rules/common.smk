@@ -65,6 +65,7 @@ def all_targets():
     targets += [f"{OUT}/tables/selected_features.parquet"]
     targets += [f"{OUT}/tables/autointerp.parquet", f"{OUT}/figures/autointerp"]
     targets += [f"{OUT}/tables/head_scores.parquet", f"{OUT}/figures/patching", f"{OUT}/tables/ablation.parquet"]
+    targets += [f"{OUT}/figures/visual"]
     if TOY:
         targets += [config["base_sae"]["path"].format(layer=layer) for layer in LAYERS]
     return targets

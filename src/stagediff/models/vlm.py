@@ -72,3 +72,16 @@ def iter_batches(processor, items: list[Item], batch_size: int, pad_to_square: b
         b = encode_batch(processor, [load_image(it.image_path, pad_to_square) for it in part],
                          [chat_prompt(processor, it.user_text) for it in part])
         yield part, b
+
+
+@torch.no_grad()
+def visual_embeddings(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """[images, n_image_tokens, d_model]: the projector's output, i.e. the visual tokens as the LM
+    receives them (read by hook, so whatever feature selection the model config asks is applied)."""
+    out = []
+    h = model.model.multi_modal_projector.register_forward_hook(lambda _m, _a, o: out.append(o.detach()))
+    try:
+        model.model.get_image_features(pixel_values=pixel_values.to(model.dtype).to(next(model.parameters()).device))
+    finally:
+        h.remove()
+    return out[0]

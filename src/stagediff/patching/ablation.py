@@ -29,6 +29,7 @@ import torch
 from stagediff.autointerp.examples import pool_activations
 from stagediff.data.items import Item
 from stagediff.data.vqav2 import vqa_accuracy
+from stagediff.io import markdown_table
 from stagediff.models.vlm import decoder_layers, iter_batches, token_masks
 
 
@@ -124,18 +125,12 @@ def summarise(per_seed: pd.DataFrame) -> pd.DataFrame:
     return t.sort_values("delta_vsr_acc", kind="stable").reset_index(drop=True)
 
 
-def _markdown(t: pd.DataFrame) -> str:
-    cell = lambda x: f"{x:.2f}" if isinstance(x, float) else str(x)  # noqa: E731
-    lines = ["| " + " | ".join(t.columns) + " |", "|" + "---|" * len(t.columns)]
-    return "\n".join(lines + ["| " + " | ".join(cell(x) for x in row) + " |" for row in t.itertuples(index=False)])
-
-
 def render(table: pd.DataFrame, top_n: int) -> tuple[str, str]:
     """Markdown (Table 1: top ``top_n``; Table 2: all) and LaTeX (Table 2) renderings."""
     t2 = table[list(TABLE_COLUMNS)].rename(columns=TABLE_COLUMNS)
     t1 = t2.drop(columns=["ΔVSR Prob", "#Samples"]).head(top_n)
-    md = ("Table 1. Top ablated features by ΔVSR accuracy (points).\n\n" + _markdown(t1)
-          + "\n\nTable 2. Full ablation results, seed means.\n\n" + _markdown(t2) + "\n")
+    md = ("Table 1. Top ablated features by ΔVSR accuracy (points).\n\n" + markdown_table(t1)
+          + "\n\nTable 2. Full ablation results, seed means.\n\n" + markdown_table(t2) + "\n")
     return md, t2.to_latex(index=False, float_format="%.2f")
 
 

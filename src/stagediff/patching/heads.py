@@ -17,7 +17,7 @@ import contextlib
 import torch
 
 from stagediff.data.items import Item
-from stagediff.models.vlm import decoder_layers, iter_batches
+from stagediff.models.vlm import decoder_layers, iter_batches, visual_embeddings
 
 VIEWS = ("q", "k", "o")
 
@@ -97,16 +97,9 @@ def mean_visual_embedding(model, processor, items: list[Item], per_position: boo
     """The projector's output averaged over ``items`` (and over image positions unless ``per_position``):
     [d_model] or [n_image_tokens, d_model], float32, accumulated in float64."""
     total, n = None, 0
-    captured = []
-    h = model.model.multi_modal_projector.register_forward_hook(lambda _m, _a, out: captured.append(out.detach()))
-    try:
-        for _, b in iter_batches(processor, items, batch_size):
-            b["pixel_values"] = b["pixel_values"].to(model.dtype)
-            model.model.get_image_features(pixel_values=b["pixel_values"].to(next(model.parameters()).device))
-            x = captured.pop().double().cpu()  # [batch, n_image_tokens, d_model]
-            s = x.sum(0) if per_position else x.sum((0, 1))
-            total = s if total is None else total + s
-            n += x.shape[0] if per_position else x.shape[0] * x.shape[1]
-    finally:
-        h.remove()
+    for _, b in iter_batches(processor, items, batch_size):
+        x = visual_embeddings(model, b["pixel_values"]).double().cpu()  # [batch, n_image_tokens, d_model]
+        s = x.sum(0) if per_position else x.sum((0, 1))
+        total = s if total is None else total + s
+        n += x.shape[0] if per_position else x.shape[0] * x.shape[1]
     return (total / n).float()
