@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from stagediff.api import list_tables, load_table
 from stagediff.cache import ActivationStore
 from tests.conftest import run_smk
 from tests.llm_server import LLMServer
@@ -72,6 +73,10 @@ def test_end_to_end_then_only_the_changed_layer_is_stale(workdir, monkeypatch):
     knock = pd.read_parquet(res / "tables" / "visual_knockout.parquet")
     assert len(knock) == 6 * 3 and set(knock.window) == {"early", "late", "all"}
     assert (res / "figures" / "visual" / "neo_logit_lens_fraction.png").stat().st_size > 0
+    pd.testing.assert_frame_equal(load_table("ablation", ".test/config.yaml", workdir), ablation)
+    assert {"adapted_features", "shift", "visual_knockout"} <= set(list_tables(".test/config.yaml", workdir))
+    with pytest.raises(FileNotFoundError, match="the run has: ablation"):
+        load_table("no_such_table", ".test/config.yaml", workdir)
     assert set(summary(workdir).values()) == {"no update"}
 
     cfg_path = workdir / ".test" / "config.yaml"
