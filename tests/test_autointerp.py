@@ -132,6 +132,9 @@ def test_malformed_answers_are_reasked_with_the_error(tmp_path):
 
 def test_failures_are_recorded_per_feature_never_dropped(tmp_path):
     doc = examples_doc(tmp_path)
+    silent = {"feature": 9, "splits": ["spatial"], "top": [], "heldout": [], "negatives": [], "contrast": []}
+    assert describe_layer({"layer": 1, "features": [silent]}, CFG, str(tmp_path / "c0"), 0,
+                          tmp_path / "silent").status.tolist() == ["no_examples"]
     cfg = openai_cfg("", max_retries=2, max_reasks=1)
     with LLMServer() as srv:
         cfg["openai"]["base_url"] = srv.url

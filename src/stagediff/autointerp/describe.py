@@ -3,7 +3,8 @@
 Per feature: one describe call on its top-k samples, then ``rounds`` short validation rounds, each
 a seeded shuffle of held-out positives and random negatives (``negative_ratio`` per positive);
 precision, recall, F1 and balanced accuracy over all rounds, every prediction kept. A feature whose
-calls fail is written with ``status: failed`` and the failure kind, never dropped.
+calls fail is written with ``status: failed`` and the failure kind, never dropped; one that never
+fired on the pool with ``status: no_examples``.
 """
 from __future__ import annotations
 
@@ -82,6 +83,8 @@ class Interpreter:
         out = {**key, "backend": self.cfg["backend"], "model": self.model, "variant": self.cfg["variant"],
                "prompt_hash": prompt_hash(), "examples": ex["top"], "classifications": [], "status": "ok",
                "failure": None, "description": None, **dict.fromkeys(METRICS)}
+        if not ex["top"]:  # the feature never fired on the pool: nothing to describe, no call made
+            return out | {"status": "no_examples", "usage": asdict(usage)}
         try:
             description, kw = self._describe(ex, usage)
             out["description"] = description
