@@ -16,7 +16,7 @@ from PIL import Image
 from stagediff import config as sdc
 from stagediff.autointerp.describe import describe_layer, scores
 from stagediff.autointerp.examples import feature_examples
-from stagediff.autointerp.llm import LLMClient, LLMFailure, Usage
+from stagediff.autointerp.llm import LLMClient, Usage
 from stagediff.autointerp.prompts import DESCRIBE_SCHEMA
 from stagediff.data.items import Item
 from stagediff.sae.finetune import save_sae
