@@ -60,7 +60,7 @@ def main() -> None:
         writers = {L: LayerStoreWriter(d / f"L{L}.zarr", model.config.text_config.hidden_size, c, {"dtype": c["dtype"]})
                    for L in layers}
         for part, b in batches:
-            cache_batch(model, part, b, layers, writers, c["dtype"], torch.device("cpu"))
+            cache_batch(model, part, b, layers, writers, c["dtype"])
         for w in writers.values():
             w.close({})
 

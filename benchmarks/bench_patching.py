@@ -24,7 +24,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from stagediff import config as sdc
 from stagediff.data.items import vqa_items
 from stagediff.models.vlm import iter_batches, load_vlm
-from stagediff.patching.attribution import attribution, exact_effects
+from stagediff.patching.attribution import attribution, exact_effects, unit_direction
 from stagediff.patching.heads import mean_visual_embedding
 from stagediff.patching.layer import rank_agreement
 
@@ -95,7 +95,7 @@ def main() -> None:
     rotated = torch.argsort(COS(base.W_dec, sae.W_dec, dim=1))[: a.features].tolist()
     rows = []
     for f in rotated:
-        v = (sae.W_dec[f] / sae.W_dec[f].norm()).detach()
+        v = unit_direction(sae, f)
         (_, batch), = iter_batches(processor, items[: a.samples], a.samples)
         r = compare(model, batch, a.layer, v, mean, a.repeats)
         rows.append(r)

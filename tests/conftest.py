@@ -54,3 +54,26 @@ def tiny_world(tmp_path_factory):
     train_toy_vlm(root / "base_lm", cfg["data"], cfg["prompts"], cfg["question_splits"], root / "vlm",
                   t["vlm"], t["data"]["image_size"], cfg["seed"])
     return cfg
+
+
+def first_block_input(model, batch):
+    """The embeddings the decoder sees (the input of block 0); the forward stops there."""
+    import torch
+
+    from stagediff.capture import StopForward
+
+    seen = {}
+
+    def hook(_m, args, kwargs):
+        seen["x"] = kwargs.get("hidden_states", args[0] if args else None)
+        raise StopForward
+
+    h = model.model.language_model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**batch, use_cache=False)
+    except StopForward:
+        pass
+    finally:
+        h.remove()
+    return seen["x"]

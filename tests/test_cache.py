@@ -24,8 +24,7 @@ def world(tiny_world):
 def _run(world, tmp_path, layers, cfg=CFG):
     cfg_, model, processor, items = world
     outs = {L: tmp_path / f"L{L}.zarr" for L in layers}
-    cache_activations(model, processor, items, layers, outs, cfg, {"model": "tiny", "dtype": cfg["dtype"]},
-                      torch.device("cpu"))
+    cache_activations(model, processor, items, layers, outs, cfg, {"model": "tiny", "dtype": cfg["dtype"]})
     return outs
 
 

@@ -11,6 +11,7 @@ from stagediff.patching.ablation import ablate_direction, render, summarise
 from stagediff.patching.attribution import _run, attribution, exact_effects
 from stagediff.patching.heads import head_dim, mean_visual_embedding, mean_visual_tokens, n_heads
 from stagediff.patching.layer import rank_agreement
+from tests.conftest import first_block_input
 
 LAYER = 1
 
@@ -35,22 +36,6 @@ def forward(model, batch) -> None:
         model(**batch, use_cache=False)
     except StopForward:
         pass
-
-
-def first_block_input(model, batch):
-    """The embeddings the decoder sees: the input of block 0."""
-    seen = {}
-
-    def hook(_m, args, kwargs):
-        seen["x"] = kwargs.get("hidden_states", args[0] if args else None)
-
-    h = model.model.language_model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad(), residual_hooks(model, [0]):
-            forward(model, batch)
-    finally:
-        h.remove()
-    return seen["x"]
 
 
 def test_corruption_changes_only_visual_positions(world):

@@ -3,10 +3,10 @@ the logit lens against a manual unembedding, and integrated gradients' completen
 import pytest
 import torch
 
-from stagediff.capture import StopForward
 from stagediff.data.items import vqa_items
 from stagediff.models.vlm import iter_batches, load_vlm
 from stagediff.visual import tokens as vt
+from tests.conftest import first_block_input
 from stagediff.visual.interventions import (block_attention, integrated_gradients, last_positions, logit_lens,
                                             replace_visual_tokens)
 
@@ -35,31 +35,13 @@ def world(tiny_world):
     return model, batch
 
 
-def block_inputs(model, batch) -> torch.Tensor:
-    seen = {}
-
-    def hook(_m, args, kwargs):
-        seen["x"] = kwargs.get("hidden_states", args[0] if args else None)
-        raise StopForward
-
-    h = model.model.language_model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**batch, use_cache=False)
-    except StopForward:
-        pass
-    finally:
-        h.remove()
-    return seen["x"]
-
-
 def test_token_ablation_touches_only_the_chosen_visual_positions(world):
     model, batch = world
-    clean = block_inputs(model, batch)
+    clean = first_block_input(model, batch)
     mean = torch.full((clean.shape[-1],), 0.25, dtype=clean.dtype)
     chosen = [{0, 5}, set(), {15}]
     with replace_visual_tokens(model, chosen, mean):
-        ablated = block_inputs(model, batch)
+        ablated = first_block_input(model, batch)
     image = batch["input_ids"] == model.config.image_token_id
     changed = (clean != ablated).any(-1)
     for b, idx in enumerate(chosen):

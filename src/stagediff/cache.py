@@ -28,7 +28,7 @@ import zarr
 from stagediff.capture import capture_residuals
 from stagediff.data.items import SPLIT_CODES, Item
 from stagediff.io import atomic_dir
-from stagediff.models.vlm import iter_batches, token_masks
+from stagediff.models.vlm import iter_batches, to_model, token_masks
 
 log = logging.getLogger(__name__)
 MODALITIES = ("text", "image")
@@ -111,7 +111,7 @@ class LayerStoreWriter:
 
 
 def cache_activations(model, processor, items: list[Item], layers: list[int], outputs: dict[int, Path],
-                      cfg: dict, attrs: dict, device: torch.device) -> None:
+                      cfg: dict, attrs: dict) -> None:
     """Run the model once per batch and write every owned layer's store (atomically)."""
     d_model = model.config.text_config.hidden_size
     with contextlib.ExitStack() as stack:  # all layer stores appear together, or none does
@@ -121,7 +121,7 @@ def cache_activations(model, processor, items: list[Item], layers: list[int], ou
         t0, done = time.time(), 0
         n_batches = (len(items) + cfg["batch_size"] - 1) // cfg["batch_size"]
         for bi, (part, b) in enumerate(iter_batches(processor, items, cfg["batch_size"], cfg["pad_to_square"])):
-            for m, n in cache_batch(model, part, b, layers, writers, cfg["dtype"], device).items():
+            for m, n in cache_batch(model, part, b, layers, writers, cfg["dtype"]).items():
                 counts[m] += n
             done += len(part)
             if bi % max(1, n_batches // 10) == 0 or bi == n_batches - 1:
@@ -132,13 +132,11 @@ def cache_activations(model, processor, items: list[Item], layers: list[int], ou
             w.close({"n_text": counts["text"], "n_image": counts["image"], "n_samples": len(items)})
 
 
-def cache_batch(model, part: list[Item], b: dict, layers: list[int], writers: dict, dtype: str,
-                device: torch.device) -> dict[str, int]:
+def cache_batch(model, part: list[Item], b: dict, layers: list[int], writers: dict, dtype: str) -> dict[str, int]:
     """One forward for one batch; append every owned layer's text and image rows."""
     image_mask, text_mask = token_masks(b, model)
     ids = b["input_ids"]
-    b = {k: v.to(device) for k, v in b.items()}
-    b["pixel_values"] = b["pixel_values"].to(model.dtype)
+    b = to_model(b, model)
     acts = {L: a.cpu() for L, a in capture_residuals(model, b, layers).items()}
     sample_ids = torch.tensor([it.sample_id for it in part])
     splits = torch.tensor([SPLIT_CODES[it.split] for it in part])

@@ -12,7 +12,7 @@ import contextlib
 import torch
 
 from stagediff.data.items import Item
-from stagediff.models.vlm import decoder_layers, iter_batches
+from stagediff.models.vlm import decoder_layers, iter_batches, to_model
 
 
 class StopForward(Exception):
@@ -59,12 +59,9 @@ def capture_residuals(model, batch: dict, layers: list[int]) -> dict[int, torch.
 def item_residuals(model, processor, items: list[Item], layer: int, batch_size: int = 16):
     """Per item, in order: (token ids, residuals [n_tokens, d_model] at ``layer``) over its prompt,
     BOS and padding dropped; image tokens included (their id is ``model.config.image_token_id``)."""
-    device = next(model.parameters()).device
     for part, b in iter_batches(processor, items, batch_size):
         keep = b["attention_mask"].bool() & (b["input_ids"] != model.config.text_config.bos_token_id)
         ids = b["input_ids"]
-        b = {k: v.to(device) for k, v in b.items()}
-        b["pixel_values"] = b["pixel_values"].to(model.dtype)
-        h = capture_residuals(model, b, [layer])[layer].float().cpu()
+        h = capture_residuals(model, to_model(b, model), [layer])[layer].float().cpu()
         for r, it in enumerate(part):
             yield it, ids[r, keep[r]], h[r, keep[r]]

@@ -101,23 +101,19 @@ def cmd_vlm_accuracy(a) -> None:
 def cmd_cache(a) -> None:
     from stagediff.cache import cache_activations, config_hash
     from stagediff.data.items import vqa_items
-    from stagediff.models.vlm import load_vlm
-    from stagediff.seed import pick_device, seed_everything
 
     p = _params(a.params)
     if len(a.out) != len(a.layers):
         raise SystemExit(f"--out needs one path per layer: {len(a.layers)} layers, {len(a.out)} paths")
-    seed_everything(p["seed"])
     c = p["cache"]
-    device = pick_device(p["device"])
-    model, processor = load_vlm(p["model"]["vlm"], device, p["model"]["dtype"])
+    model, processor = _world(p)
     items = [it for split, n in c["splits"].items() if n
              for it in vqa_items(p["data"], split, p["prompts"], p["question_splits"], n, p["seed"])]
     attrs = {"model": p["model"]["vlm"], "dataset": c["dataset"], "dtype": c["dtype"],
              "hook": "decoder block output (resid_post)", "config_hash": config_hash(p),
              "d_model": model.config.text_config.hidden_size}
     cache_activations(model, processor, items, a.layers, dict(zip(a.layers, map(Path, a.out))),
-                      {**c, "pad_to_square": p["model"]["pad_to_square"]}, attrs, device)
+                      {**c, "pad_to_square": p["model"]["pad_to_square"]}, attrs)
 
 
 def cmd_sae_finetune(a) -> None:
@@ -216,8 +212,6 @@ def cmd_shift_figures(a) -> None:
 
 
 def cmd_neutral_layer(a) -> None:
-    import json
-
     import pandas as pd
 
     from stagediff.cache import ActivationStore
@@ -321,11 +315,9 @@ def cmd_patching_layer(a) -> None:
 
     from stagediff.cache import ActivationStore
     from stagediff.data.items import vqa_items
-    from stagediff.io import write_parquet
+    from stagediff.io import atomic_dir, write_parquet
     from stagediff.patching.layer import patching_layer
     from stagediff.sae.finetune import load_sae
-
-    from stagediff.io import atomic_dir
 
     p = _params(a.params)
     selected = pd.read_parquet(a.selected)

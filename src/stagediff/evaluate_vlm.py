@@ -14,7 +14,7 @@ import torch
 
 from stagediff.data.items import Item
 from stagediff.data.vqav2 import vqa_accuracy
-from stagediff.models.vlm import chat_prompt, encode_batch, load_image
+from stagediff.models.vlm import chat_prompt, encode_batch, load_image, to_model
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +23,11 @@ log = logging.getLogger(__name__)
 def predict(model, processor, items: list[Item], batch_size: int, max_new_tokens: int,
             pad_to_square: bool = False) -> list[str]:
     preds = []
-    device = next(model.parameters()).device
     for i in range(0, len(items), batch_size):
         part = items[i : i + batch_size]
         b = encode_batch(processor, [load_image(it.image_path, pad_to_square) for it in part],
                          [chat_prompt(processor, it.user_text) for it in part], padding_side="left")
-        b = {k: v.to(device) for k, v in b.items()}
-        b["pixel_values"] = b["pixel_values"].to(model.dtype)
+        b = to_model(b, model)
         out = model.generate(**b, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=processor.tokenizer.pad_token_id)
         new = out[:, b["input_ids"].shape[1]:]

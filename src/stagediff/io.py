@@ -51,10 +51,13 @@ def write_parquet(df: pd.DataFrame, path: str | Path) -> None:
 
 
 def save_figure(fig, folder: str | Path, name: str) -> None:
-    """A matplotlib figure as ``<name>.png`` and ``<name>.pdf`` (paper figures come in both)."""
+    """A matplotlib figure as ``<name>.png`` and ``<name>.pdf`` (paper figures come in both), then closed."""
+    import matplotlib.pyplot as plt  # here, not at import: most commands draw nothing
+
     fig.tight_layout()
     for ext in ("png", "pdf"):
         fig.savefig(Path(folder) / f"{name}.{ext}", dpi=150)
+    plt.close(fig)
 
 
 def write_json(obj, path: str | Path) -> None:

@@ -17,7 +17,6 @@ import torch
 from stagediff.capture import item_residuals
 from stagediff.data.items import Item
 
-POOL_FAMILIES = ("general", "spatial", "vsr")
 CONTRAST = 20  # random prompts the offline explainer contrasts with; disjoint from the negatives
 
 
@@ -40,6 +39,11 @@ def pool_activations(model, processor, sae, layer: int, items: list[Item], featu
     return out
 
 
+def peak_activation(row: dict, j: int) -> float:
+    """Feature ``j``'s largest activation over a pool item's text tokens and image patches (0 if silent)."""
+    return float(max(row["text_acts"][j].max(initial=0.0), row["image_acts"][j].max(initial=0.0)))
+
+
 def _example(row: dict, j: int) -> dict:
     it = row["item"]
     text, image = row["text_acts"][j], row["image_acts"][j]
@@ -47,7 +51,7 @@ def _example(row: dict, j: int) -> dict:
             "family": it.family, "image": str(it.image_path), "prompt": it.user_text,
             "tokens": row["tokens"], "activations": [round(float(a), 5) for a in text],
             "image_activations": [round(float(a), 5) for a in image],
-            "max_activation": float(max(text.max(initial=0.0), image.max(initial=0.0)))}
+            "max_activation": peak_activation(row, j)}
 
 
 def feature_examples(rows: list[dict], j: int, cfg: dict, seed: int) -> dict:
@@ -58,7 +62,7 @@ def feature_examples(rows: list[dict], j: int, cfg: dict, seed: int) -> dict:
     as the paper's "random VQA negatives"; they may fire weakly (their ``max_activation`` is kept),
     so the validation asks whether the description picks out the *top* activations.
     """
-    peak = np.array([max(r["text_acts"][j].max(initial=0.0), r["image_acts"][j].max(initial=0.0)) for r in rows])
+    peak = np.array([peak_activation(r, j) for r in rows])
     seen, positives = set(), []
     n_pos = cfg["top_k"] + cfg["n_heldout"] * cfg["rounds"]
     for i in np.argsort(-peak, kind="stable"):

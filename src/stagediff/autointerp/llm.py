@@ -7,7 +7,7 @@
   to the model) when malformed;
 - a persistent on-disk cache keyed by the SHA-256 of (model, messages, parameters), so a rerun
   sends zero requests; only valid answers are cached;
-- token usage and estimated cost summed per client and per call group;
+- token usage and estimated cost summed into the caller's ``Usage`` (one per feature);
 - the API key is read from the environment variable the config names and handed to the openai
   client only: it never enters a log line, a result, a cache file or a config dump.
 """
@@ -75,7 +75,6 @@ class LLMClient:
         self._lock = threading.Lock()
         self._jitter = random.Random()  # timing only: never affects an answer
         self.cache_dir = Path(cache_dir)
-        self.usage = Usage()
 
     def request_hash(self, messages: list[dict]) -> str:
         params = {"model": self.cfg["model"], "temperature": self.cfg["temperature"],
@@ -83,7 +82,7 @@ class LLMClient:
         return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
 
     def ask_json(self, messages: list[dict], schema: dict, usage: Usage) -> dict:
-        """The answer as a dict valid under ``schema``; adds this call's usage to ``usage`` and the client's."""
+        """The answer as a dict valid under ``schema``; adds this call's requests, tokens and cost to ``usage``."""
         key = self.request_hash(messages)
         path = self.cache_dir / key[:2] / f"{key}.json"
         if path.is_file():
@@ -146,4 +145,3 @@ class LLMClient:
     def _count(self, usage: Usage, delta: Usage) -> None:
         with self._lock:
             usage.add(delta)
-            self.usage.add(delta)

@@ -12,8 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from stagediff.autointerp.prompts import marked_text, overlay  # noqa: E402
-from stagediff.figures.diff import _save  # noqa: E402
-from stagediff.io import atomic_dir  # noqa: E402
+from stagediff.io import atomic_dir, save_figure  # noqa: E402
 from stagediff.models.vlm import load_image  # noqa: E402
 
 
@@ -35,7 +34,7 @@ def _figure(rec: dict, out: Path) -> None:
         ax.set_yticks([])
     for ax in axes[0][len(top):]:
         ax.axis("off")
-    f1 = f"F1 {rec['f1']:.2f}" if rec.get("f1") is not None else f"failed: {rec['failure']}"
+    f1 = f"F1 {rec['f1']:.2f}" if rec.get("f1") is not None else " ".join(filter(None, [rec["status"], rec["failure"]]))
     head = f"L{rec['layer']} feature {rec['feature']} ({', '.join(rec['splits'])}) — {f1} — {rec['backend']}: {rec['model']}"
     fig.suptitle(head + "\n" + textwrap.fill(f"this neuron activates for {rec['description']}", 110), fontsize=8)
-    _save(fig, out, f"fig3_L{rec['layer']}_f{rec['feature']}")
+    save_figure(fig, out, f"fig3_L{rec['layer']}_f{rec['feature']}")

@@ -14,11 +14,6 @@ from stagediff.figures.fvu import COLORS  # noqa: E402
 from stagediff.io import atomic_dir, save_figure  # noqa: E402
 
 
-def _save(fig, out: Path, name: str) -> None:
-    save_figure(fig, out, name)
-    plt.close(fig)
-
-
 def diff_figures(features: pd.DataFrame, sweep: pd.DataFrame, selected: pd.DataFrame, op: tuple[float, float],
                  out_dir: str | Path) -> None:
     with atomic_dir(out_dir) as tmp:
@@ -45,7 +40,7 @@ def _fig2(f: pd.DataFrame, selected: pd.DataFrame, epsilon: float, out: Path) ->
     ax.axhline(epsilon, color="k", lw=0.5, ls="--")
     ax.set(xlabel="decoder cosine $c_f$ (base vs adapted)", ylabel="visual energy $E_v$", yscale="log")
     ax.legend(fontsize=7)
-    _save(fig, out, "fig2_energy_vs_cosine")
+    save_figure(fig, out, "fig2_energy_vs_cosine")
 
 
 def _fig5(f: pd.DataFrame, out: Path) -> None:
@@ -57,7 +52,7 @@ def _fig5(f: pd.DataFrame, out: Path) -> None:
         ax.plot(m.index, m.values, marker="o", label=regime, color=COLORS.get(regime))
     ax.set(xlabel="layer", ylabel="mean decoder cosine to base", ylim=(-0.1, 1.05), xticks=sorted(f.layer.unique()))
     ax.legend(fontsize=7)
-    _save(fig, out, "fig5_decoder_cosine_by_layer")
+    save_figure(fig, out, "fig5_decoder_cosine_by_layer")
 
 
 def _fig7(f: pd.DataFrame, out: Path) -> None:
@@ -71,7 +66,7 @@ def _fig7(f: pd.DataFrame, out: Path) -> None:
             color="hotpink", label="adapted")
     a2.set(xlabel="layer", ylabel="mean decoder cosine", title="(b) adapted vs pool", xticks=layers)
     a2.legend(fontsize=7)
-    _save(fig, out, "fig7_adapted_per_layer")
+    save_figure(fig, out, "fig7_adapted_per_layer")
 
 
 def _fig8(s: pd.DataFrame, op: tuple[float, float], out: Path) -> None:
@@ -87,4 +82,4 @@ def _fig8(s: pd.DataFrame, op: tuple[float, float], out: Path) -> None:
         ax.scatter([pcs.index(op[0])], [eps.index(op[1])], s=80, facecolors="white", edgecolors="k")
         ax.set(xlabel="$p_{cos}$ (%)", ylabel="ε", title=m)
         fig.colorbar(im, ax=ax)
-    _save(fig, out, "fig8_threshold_sweep")
+    save_figure(fig, out, "fig8_threshold_sweep")

@@ -67,7 +67,6 @@ def _fig1(curves: pd.DataFrame, summary: pd.DataFrame, out: Path) -> None:
     for col in range(6):  # the lowest mean in bold, as the paper's table
         t[best + 1, col].set_text_props(fontweight="bold")
     save_figure(fig, out, "fig1_fvu")
-    plt.close(fig)
 
 
 def _fig6(curves: pd.DataFrame, out: Path) -> None:
@@ -85,4 +84,3 @@ def _fig6(curves: pd.DataFrame, out: Path) -> None:
     axes[0, 0].set_ylabel("held-out FVU")
     axes[0, 0].legend(fontsize=7)
     save_figure(fig, out, "fig6_fvu_per_layer")
-    plt.close(fig)

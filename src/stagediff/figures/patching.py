@@ -13,8 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from stagediff.autointerp.prompts import overlay  # noqa: E402
-from stagediff.figures.diff import _save  # noqa: E402
-from stagediff.io import atomic_dir  # noqa: E402
+from stagediff.io import atomic_dir, save_figure  # noqa: E402
 from stagediff.models.vlm import load_image  # noqa: E402
 
 METHODS = {"method_b": "Method B", "method_a": "Method A"}
@@ -50,7 +49,7 @@ def _fig13(scores: pd.DataFrame, out: Path) -> None:
         ax.set(title=f"{title}", xlabel="layer")
     axes[0].set_ylabel("share of |attribution|")
     axes[0].legend(fontsize=7)
-    _save(fig, out, "fig13_layer_attribution")
+    save_figure(fig, out, "fig13_layer_attribution")
 
 
 def _fig14(scores: pd.DataFrame, out: Path) -> None:
@@ -64,7 +63,7 @@ def _fig14(scores: pd.DataFrame, out: Path) -> None:
             axes[r, c].set(title=f"{title}: {view}" + (" (key heads)" if view == "k" else ""), xlabel="head",
                            ylabel="layer")
             fig.colorbar(im, ax=axes[r, c])
-    _save(fig, out, "fig14_head_attribution")
+    save_figure(fig, out, "fig14_head_attribution")
 
 
 def _recurrence(scores: pd.DataFrame, n: int, out: Path) -> None:
@@ -78,7 +77,7 @@ def _recurrence(scores: pd.DataFrame, n: int, out: Path) -> None:
     ax.bar([f"L{l}H{h}" for (l, h), _ in top], [c for _, c in top], color="tab:purple")
     ax.set(ylabel="features", title=f"heads in a feature's top {n} (Method B)")
     ax.tick_params(axis="x", rotation=60, labelsize=7)
-    _save(fig, out, "fig4_head_recurrence")
+    save_figure(fig, out, "fig4_head_recurrence")
 
 
 def _overlays(scores: pd.DataFrame, h5: Path, n: int, out: Path) -> None:
@@ -98,4 +97,4 @@ def _overlays(scores: pd.DataFrame, h5: Path, n: int, out: Path) -> None:
             axes[r, 0].set_ylabel(f"L{src}H{h}", fontsize=8)
         fig.suptitle(f"L{layer} feature {feature}: {'top' if 'top' in name else 'bottom'} heads by |Method B|, "
                      "attention from text to image patches", fontsize=8)
-        _save(fig, out, f"{name}_L{layer}_f{feature}")
+        save_figure(fig, out, f"{name}_L{layer}_f{feature}")

@@ -11,8 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from stagediff.figures.diff import _save  # noqa: E402
-from stagediff.io import atomic_dir  # noqa: E402
+from stagediff.io import atomic_dir, save_figure  # noqa: E402
 
 FIGURES = {"spatial": "fig9_spatial_shift", "ocr": "fig10_ocr_shift"}
 
@@ -39,4 +38,4 @@ def _figure(t: pd.DataFrame, split: str, out: Path, name: str) -> None:
     a2.scatter(c.delta_p, np.log2(c.odds_ratio), s=8, c="tab:blue", marker="s")
     a2.axhline(0, color="k", lw=0.5)
     a2.set(xlabel=r"$\Delta p_f$", ylabel=r"$\log_2$ odds ratio", title="(b) candidates")
-    _save(fig, out, name)
+    save_figure(fig, out, name)

@@ -12,8 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from stagediff.figures.diff import _save  # noqa: E402
-from stagediff.io import atomic_dir, markdown_table  # noqa: E402
+from stagediff.io import atomic_dir, markdown_table, save_figure  # noqa: E402
 from stagediff.models.vlm import load_image  # noqa: E402
 
 METRICS = ("generative", "polling", "vqa")
@@ -35,7 +34,7 @@ def _ablation(t: pd.DataFrame, out: Path) -> None:
     ax.set_xticks(range(len(t)), [f"{a}\n({n:.1f})" for a, n in zip(t.ablation, t.avg_tokens)], fontsize=6)
     ax.set(ylabel="decrease (%)", title="token ablation (Neo et al. Table 1); avg tokens in brackets")
     ax.legend(fontsize=7)
-    _save(fig, out, "neo_table1_token_ablation")
+    save_figure(fig, out, "neo_table1_token_ablation")
     (out / "neo_table1_token_ablation.md").write_text(markdown_table(t) + "\n")
 
 
@@ -44,7 +43,7 @@ def _lens(t: pd.DataFrame, maps: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(4.5, 3))
     ax.errorbar(per.index, per["mean"], yerr=per["sem"].fillna(0), marker="o")
     ax.set(xlabel="layer", ylabel="object patches → class word", title="logit lens on visual tokens")
-    _save(fig, out, "neo_logit_lens_fraction")
+    save_figure(fig, out, "neo_logit_lens_fraction")
     best = int(per["mean"].idxmax()) if per["mean"].notna().any() else 0
     for image_id, m in maps.items():
         tokens = m["tokens"][best]
@@ -58,7 +57,7 @@ def _lens(t: pd.DataFrame, maps: dict, out: Path) -> None:
             ax.text((c + 0.5) * cw, (r + 0.5) * ch, tok, ha="center", va="center", fontsize=6,
                     bbox={"facecolor": "white", "alpha": 0.6, "pad": 0.5, "linewidth": 0})
         ax.set(title=f"image {image_id}: top tokens at layer {best}", xticks=[], yticks=[])
-        _save(fig, out, f"neo_logit_lens_map_{image_id}")
+        save_figure(fig, out, f"neo_logit_lens_map_{image_id}")
 
 
 def _knockout(t: pd.DataFrame, out: Path) -> None:
@@ -73,5 +72,5 @@ def _knockout(t: pd.DataFrame, out: Path) -> None:
             ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6)
         fig.colorbar(im, ax=ax)
         ax.set(title=f"attention knockout: {metric.replace('_', ' ')}")
-        _save(fig, out, f"neo_table2_knockout_{metric}")
+        save_figure(fig, out, f"neo_table2_knockout_{metric}")
     (out / "neo_table2_knockout.md").write_text(markdown_table(t) + "\n")

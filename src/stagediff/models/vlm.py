@@ -5,6 +5,7 @@ with safetensors weights and no remote code.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -74,14 +75,59 @@ def iter_batches(processor, items: list[Item], batch_size: int, pad_to_square: b
         yield part, b
 
 
+def to_model(batch: dict, model) -> dict:
+    """A processor batch on the model's device, pixel values in the model's dtype."""
+    device = next(model.parameters()).device
+    b = {k: v.to(device) for k, v in batch.items()}
+    b["pixel_values"] = b["pixel_values"].to(model.dtype)
+    return b
+
+
+@contextlib.contextmanager
+def projector_hook(model, fn):
+    """Inside the block, ``fn(output)`` sees the projector's output — the visual tokens as the LM
+    receives them, [images, n_image_tokens, d_model] — and replaces it when it returns a tensor."""
+    h = model.model.multi_modal_projector.register_forward_hook(lambda _m, _a, out: fn(out))
+    try:
+        yield
+    finally:
+        h.remove()
+
+
+@contextlib.contextmanager
+def eager_attention(model):
+    """Eager attention inside the block (attention weights materialised, masks applied as written),
+    the model's own implementation restored after."""
+    impl = model.config.text_config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(impl)
+
+
+def last_positions(batch: dict) -> torch.Tensor:
+    """Index of each row's last real token (right padding): where the answer's first token is read."""
+    return batch["attention_mask"].sum(1) - 1
+
+
+@torch.no_grad()
+def next_token_probs(model, batch: dict) -> torch.Tensor:
+    """[batch, vocab] next-token distribution after each prompt (float32)."""
+    logits = model(**batch, use_cache=False).logits
+    return logits[torch.arange(len(logits)), last_positions(batch)].float().softmax(-1)
+
+
+def first_token(tokenizer, word: str) -> int:
+    """The id of ``word``'s first token (how one-forward answers are scored)."""
+    return tokenizer(word, add_special_tokens=False)["input_ids"][0]
+
+
 @torch.no_grad()
 def visual_embeddings(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """[images, n_image_tokens, d_model]: the projector's output, i.e. the visual tokens as the LM
     receives them (read by hook, so whatever feature selection the model config asks is applied)."""
     out = []
-    h = model.model.multi_modal_projector.register_forward_hook(lambda _m, _a, o: out.append(o.detach()))
-    try:
+    with projector_hook(model, lambda o: out.append(o.detach())):
         model.model.get_image_features(pixel_values=pixel_values.to(model.dtype).to(next(model.parameters()).device))
-    finally:
-        h.remove()
     return out[0]

@@ -19,6 +19,7 @@ the toy and LLaVA-MORE's yes/no/true/false are one token, and one forward keeps 
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 from collections import Counter
 
@@ -26,11 +27,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from stagediff.autointerp.examples import pool_activations
+from stagediff.autointerp.examples import peak_activation, pool_activations
 from stagediff.data.items import Item
 from stagediff.data.vqav2 import vqa_accuracy
 from stagediff.io import markdown_table
-from stagediff.models.vlm import decoder_layers, iter_batches, token_masks
+from stagediff.models.vlm import decoder_layers, first_token, iter_batches, next_token_probs, to_model, token_masks
+from stagediff.patching.attribution import unit_direction
 
 
 @contextlib.contextmanager
@@ -61,15 +63,12 @@ def answer_scores(model, processor, items: list[Item], layer: int, v: torch.Tens
     tok = processor.tokenizer
     rows = []
     for part, b in iter_batches(processor, items, batch_size):
-        b["pixel_values"] = b["pixel_values"].to(model.dtype)
-        _, text = token_masks(b, model)
-        last = b["attention_mask"].sum(1) - 1  # right padding: the generation prompt's last token
-        with ablate_direction(model, layer, v, text):
-            logits = model(**b, use_cache=False).logits
-        probs = logits[torch.arange(len(part)), last].float().softmax(-1)
+        b = to_model(b, model)
+        with ablate_direction(model, layer, v, token_masks(b, model)[1]):
+            probs = next_token_probs(model, b)
         pred = probs.argmax(-1)
         for it, p, pr in zip(part, pred.tolist(), probs):
-            gold = tok(it.answer, add_special_tokens=False)["input_ids"][0]
+            gold = first_token(tok, it.answer)
             word = tok.decode([p]).strip().lower()
             acc = vqa_accuracy(word, list(it.answers)) if it.family != "vsr" else float(word == it.answer)
             rows.append({"sample_id": it.sample_id, "prediction": word, "accuracy": acc,
@@ -84,11 +83,11 @@ def relations_of_top(peak: pd.Series, relations: dict[int, str], top: int, n_rel
 
 
 def ablation_rows(model, processor, sae, layer: int, feature: int, odds_ratio: float, subset: list[Item],
-                  rels: list[str], vqa_yes_no: list[Item], cfg: dict) -> list[dict]:
-    """One row per seed: Δ (ablated − clean) VSR accuracy and probability, Δ VQA accuracy, Δ Ctrl."""
+                  rels: list[str], vqa_yes_no: list[Item], clean_vqa: float, cfg: dict) -> list[dict]:
+    """One row per seed: Δ (ablated − clean) VSR accuracy and probability, Δ VQA accuracy, Δ Ctrl
+    (``clean_vqa``: the unablated VQA accuracy, the same for every feature of the layer)."""
     d_sae = sae.W_dec.shape[0]
-    v = lambda f: (sae.W_dec[f] / sae.W_dec[f].norm()).detach().float()  # noqa: E731
-    clean_vqa = answer_scores(model, processor, vqa_yes_no, layer, None).accuracy.mean()
+    v = functools.partial(unit_direction, sae)
     ablated_vqa = answer_scores(model, processor, vqa_yes_no, layer, v(feature)).accuracy.mean()
     rows = []
     for seed in cfg["seeds"]:
@@ -146,12 +145,13 @@ def ablation_layer(model, processor, sae, layer: int, selected: pd.DataFrame, vs
         return pd.DataFrame()
     pool = pool_activations(model, processor, sae, layer, vsr_pool, [int(f) for f in mine.feature])
     ids = [p["item"].sample_id for p in pool]
+    clean_vqa = answer_scores(model, processor, vqa_yes_no, layer, None).accuracy.mean()
     rows = []
     for j, r in enumerate(mine.itertuples()):
-        peak = pd.Series([max(p["text_acts"][j].max(initial=0), p["image_acts"][j].max(initial=0)) for p in pool], ids)
+        peak = pd.Series([peak_activation(p, j) for p in pool], ids)
         rels = relations_of_top(peak, relations, cfg["top_vsr"], cfg["n_relations"])
         subset = [it for it in vsr_eval if relations[it.sample_id] in rels]
         if subset:
             rows += ablation_rows(model, processor, sae, layer, int(r.feature), float(r.odds_ratio), subset, rels,
-                                  vqa_yes_no, cfg)
+                                  vqa_yes_no, clean_vqa, cfg)
     return pd.DataFrame(rows)

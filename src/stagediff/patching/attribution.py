@@ -22,6 +22,12 @@ from stagediff.models.vlm import token_masks
 from stagediff.patching.heads import VIEWS, head_dim, head_views, mean_visual_tokens, n_heads
 
 
+def unit_direction(sae, feature: int) -> torch.Tensor:
+    """f's unit decoder direction v (float32): the objective's projection and the ablated direction."""
+    w = sae.W_dec[feature].detach().float()
+    return w / w.norm()
+
+
 def _run(model, batch: dict, layer: int, v: torch.Tensor, positions: str, patch: dict | None = None,
          grad: bool = True):
     """One forward to layer L: (J per sample [batch], head views, their gradients or None)."""

@@ -17,7 +17,7 @@ import contextlib
 import torch
 
 from stagediff.data.items import Item
-from stagediff.models.vlm import decoder_layers, iter_batches, visual_embeddings
+from stagediff.models.vlm import decoder_layers, iter_batches, projector_hook, visual_embeddings
 
 VIEWS = ("q", "k", "o")
 
@@ -82,14 +82,8 @@ def mean_visual_tokens(model, mean: torch.Tensor):
     """Corrupt run: the projector's output (the layer-0 visual-token embeddings) replaced by ``mean``
     ([d_model], or [n_image_tokens, d_model] for a per-position mean). Text positions are untouched:
     only the projector's output is changed, and LLaVA scatters it into the image positions alone."""
-    def hook(_m, _a, out):
-        return mean.to(out.dtype).to(out.device).expand_as(out).clone()
-
-    h = model.model.multi_modal_projector.register_forward_hook(hook)
-    try:
+    with projector_hook(model, lambda out: mean.to(out.dtype).to(out.device).expand_as(out).clone()):
         yield
-    finally:
-        h.remove()
 
 
 @torch.no_grad()

@@ -22,28 +22,19 @@ from stagediff.cache import ActivationStore
 from stagediff.data.items import Item
 from stagediff.diff.neutral import max_per_sample
 from stagediff.io import atomic_dir
-from stagediff.models.vlm import iter_batches, token_masks
-from stagediff.patching.attribution import attribution, exact_effects
+from stagediff.models.vlm import eager_attention, iter_batches, to_model, token_masks
+from stagediff.patching.attribution import attribution, exact_effects, unit_direction
 from stagediff.patching.heads import VIEWS, query_heads
 
 log = logging.getLogger(__name__)
-
-
-def unit_direction(sae, feature: int) -> torch.Tensor:
-    w = sae.W_dec[feature].detach().float()
-    return w / w.norm()
 
 
 @torch.no_grad()
 def image_attention(model, batch: dict, layers: list[int]) -> np.ndarray:
     """[batch, layer, head, image patch]: each head's attention from the text positions (mean) to
     every image token, from an eager-attention forward (the weights SDPA never materialises)."""
-    impl = model.config.text_config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
+    with eager_attention(model):
         att = model(**batch, output_attentions=True, use_cache=False).attentions
-    finally:
-        model.set_attn_implementation(impl)
     image, text = token_masks(batch, model)
     w = text.float() / text.sum(1, keepdim=True).clamp(min=1)  # [batch, seq] mean over text queries
     out = []
@@ -65,7 +56,7 @@ def rank_agreement(score: np.ndarray, exact: np.ndarray, top: int) -> dict:
 def feature_patching(model, processor, items: list[Item], layer: int, feature: int, v: torch.Tensor,
                      mean: torch.Tensor, cfg: dict, h5_path: Path) -> tuple[pd.DataFrame, dict]:
     (_, b), = iter_batches(processor, items, len(items))
-    b["pixel_values"] = b["pixel_values"].to(model.dtype)
+    b = to_model(b, model)
     t0 = time.perf_counter()
     attr = attribution(model, b, layer, v, mean, cfg["positions"])
     t_attr = time.perf_counter() - t0

@@ -21,10 +21,9 @@ import torch
 
 from stagediff.data.items import Item
 from stagediff.evaluate_vlm import predict
-from stagediff.models.vlm import iter_batches, visual_embeddings
+from stagediff.models.vlm import first_token, iter_batches, last_positions, next_token_probs, to_model, visual_embeddings
 from stagediff.visual import tokens as vt
-from stagediff.visual.interventions import (block_attention, integrated_gradients, last_positions, logit_lens,
-                                            next_token_probs, replace_visual_tokens)
+from stagediff.visual.interventions import block_attention, integrated_gradients, logit_lens, replace_visual_tokens
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +73,11 @@ def _items(records: list[ObjectRecord], texts: list[str], prompt: str) -> list[I
     return [Item(r.image_id, r.image_path, prompt.format(question=t), "", (), "visual", "", "") for r, t in zip(records, texts)]
 
 
-def _first_token(tokenizer, word: str) -> int:
-    return tokenizer(word, add_special_tokens=False)["input_ids"][0]
-
-
 def _probs(model, processor, items: list[Item], chosen: list[set[int]], mean, batch_size: int) -> torch.Tensor:
     out = []
     with replace_visual_tokens(model, chosen, mean):
         for _, b in iter_batches(processor, items, batch_size):
-            b["pixel_values"] = b["pixel_values"].to(model.dtype)
-            out.append(next_token_probs(model, b))
+            out.append(next_token_probs(model, to_model(b, model)))
     return torch.cat(out)
 
 
@@ -95,11 +89,11 @@ def token_sets(model, processor, records: list[ObjectRecord], cfg: dict, prompts
     sets = {"object": [r.patches for r in records],
             "object+1": [vt.with_buffer(r.patches, grid, 1) for r in records],
             "object+2": [vt.with_buffer(r.patches, grid, 2) for r in records]}
-    yes = _first_token(processor.tokenizer, cfg["yes_token"])
+    yes = first_token(processor.tokenizer, cfg["yes_token"])
     poll = _items(records, [cfg["polling"].format(name=r.name) for r in records], prompts["vqa"])
     ig, regs = [], []
     for part, b in iter_batches(processor, poll, cfg["batch_size"]):
-        b["pixel_values"] = b["pixel_values"].to(model.dtype)
+        b = to_model(b, model)
         regs += [vt.register_tokens(x) for x in visual_embeddings(model, b["pixel_values"])]
         ig += list(integrated_gradients(model, b, torch.full((len(part),), yes), mean, cfg["ig_steps"]))
     sets["register"] = regs
@@ -118,8 +112,8 @@ def token_ablation(model, processor, records: list[ObjectRecord], sets: dict[str
     poll = _items(records, [cfg["polling"].format(name=r.name) for r in records], prompts["vqa"])
     vqa_recs = [i for i, r in enumerate(records) if r.vqa]
     vqa = _items([records[i] for i in vqa_recs], [records[i].vqa[0] for i in vqa_recs], prompts["vqa"])
-    yes = _first_token(tok, cfg["yes_token"])
-    answers = torch.tensor([_first_token(tok, records[i].vqa[1]) for i in vqa_recs], dtype=torch.long)
+    yes = first_token(tok, cfg["yes_token"])
+    answers = torch.tensor([first_token(tok, records[i].vqa[1]) for i in vqa_recs], dtype=torch.long)
 
     def outcomes(chosen):
         def gen():
@@ -157,12 +151,12 @@ def logit_lens_table(model, processor, records: list[ObjectRecord], prompts: dic
     for start in range(0, len(records), cfg["batch_size"]):
         part = records[start : start + cfg["batch_size"]]
         (_, b), = iter_batches(processor, items[start : start + len(part)], len(part))
-        b["pixel_values"] = b["pixel_values"].to(model.dtype)
+        b = to_model(b, model)
         top = logit_lens(model, b, layers)  # [layer, batch, seq]
         for j, r in enumerate(part):
             vis = b["input_ids"][j] == image_id
             grid_top = top[:, j, vis]  # [layer, n_image_tokens]
-            word = _first_token(tok, r.word)
+            word = first_token(tok, r.word)
             for layer in layers:
                 hits = [int(grid_top[layer, p] == word) for p in sorted(r.patches)]
                 rows.append({"image_id": r.image_id, "object": r.name, "layer": layer, "n_patches": len(hits),
@@ -180,7 +174,7 @@ def knockout_table(model, processor, records: list[ObjectRecord], cfg: dict, pro
     tok = processor.tokenizer
     probes = [r.vqa or (cfg["polling"].format(name=r.name), cfg["yes_token"]) for r in records]
     poll = _items(records, [q for q, _ in probes], prompts["vqa"])
-    yes = torch.tensor([_first_token(tok, a) for _, a in probes])
+    yes = torch.tensor([first_token(tok, a) for _, a in probes])
     image_id = model.config.image_token_id
     all_vis = set(range(grid * grid))
     groups = {("O", "LTP"): lambda r: (r.patches, None), ("O+1", "LTP"): lambda r: (vt.with_buffer(r.patches, grid, 1), None),
@@ -188,9 +182,8 @@ def knockout_table(model, processor, records: list[ObjectRecord], cfg: dict, pro
               ("I-(O+1)", "LTP"): lambda r: (all_vis - vt.with_buffer(r.patches, grid, 1), None),
               ("O+1", "LVR"): lambda r: (vt.with_buffer(r.patches, grid, 1), vt.last_row(grid)),
               ("I-LVR", "LVR"): lambda r: (all_vis - vt.last_row(grid), vt.last_row(grid))}
-    batches = list(iter_batches(processor, poll, cfg["batch_size"]))
-    clean = torch.cat([next_token_probs(model, {**b, "pixel_values": b["pixel_values"].to(model.dtype)})
-                       for _, b in batches])
+    batches = [(part, to_model(b, model)) for part, b in iter_batches(processor, poll, cfg["batch_size"])]
+    clean = torch.cat([next_token_probs(model, b) for _, b in batches])
     ok = clean.argmax(-1) == yes
     rows_ = torch.arange(len(yes))
     rows = []
@@ -198,7 +191,6 @@ def knockout_table(model, processor, records: list[ObjectRecord], cfg: dict, pro
         for window, (lo, hi) in cfg["windows"].items():
             probs = []
             for i, (part, b) in enumerate(batches):
-                b = {**b, "pixel_values": b["pixel_values"].to(model.dtype)}
                 t = b["input_ids"].shape[1]
                 block = torch.zeros(len(part), t, t, dtype=torch.bool)
                 last = last_positions(b)

@@ -8,7 +8,7 @@ import contextlib
 import torch
 
 from stagediff.capture import residual_hooks
-from stagediff.models.vlm import decoder_layers
+from stagediff.models.vlm import decoder_layers, eager_attention, last_positions, projector_hook, visual_embeddings
 
 
 @contextlib.contextmanager
@@ -17,7 +17,7 @@ def replace_visual_tokens(model, chosen: list[set[int]], mean: torch.Tensor):
     its visual tokens at indices ``chosen[i]`` replaced by ``mean`` [d]; text is never touched."""
     seen = [0]
 
-    def hook(_m, _a, out):
+    def replace(out):
         out = out.clone()
         for b in range(out.shape[0]):
             idx = chosen[seen[0] + b]
@@ -26,11 +26,8 @@ def replace_visual_tokens(model, chosen: list[set[int]], mean: torch.Tensor):
         seen[0] += out.shape[0]
         return out
 
-    h = model.model.multi_modal_projector.register_forward_hook(hook)
-    try:
+    with projector_hook(model, replace):
         yield
-    finally:
-        h.remove()
 
 
 @contextlib.contextmanager
@@ -38,9 +35,6 @@ def block_attention(model, layers: list[int], block: torch.Tensor):
     """Attention from key positions to query positions where ``block`` [batch, query, key] is true is
     removed (mask −inf, so its softmax weight is exactly 0) in ``layers``; eager attention is used
     inside the block so the mask is applied as written."""
-    impl = model.config.text_config._attn_implementation
-    model.set_attn_implementation("eager")
-
     def hook(_m, args, kwargs):
         h = kwargs.get("hidden_states", args[0] if args else None)
         mask = kwargs.get("attention_mask")
@@ -51,51 +45,29 @@ def block_attention(model, layers: list[int], block: torch.Tensor):
         kwargs["attention_mask"] = mask.masked_fill(block[:, None, :t, :t].to(h.device), torch.finfo(mask.dtype).min)
         return args, kwargs
 
-    handles = [decoder_layers(model)[layer].self_attn.register_forward_pre_hook(hook, with_kwargs=True)
-               for layer in layers]
-    try:
-        yield
-    finally:
-        for hd in handles:
-            hd.remove()
-        model.set_attn_implementation(impl)
-
-
-def last_positions(batch: dict) -> torch.Tensor:
-    """Index of each row's last real token (right padding)."""
-    return batch["attention_mask"].sum(1) - 1
-
-
-@torch.no_grad()
-def next_token_probs(model, batch: dict) -> torch.Tensor:
-    """[batch, vocab] next-token distribution after each prompt."""
-    logits = model(**batch, use_cache=False).logits
-    return logits[torch.arange(len(logits)), last_positions(batch)].float().softmax(-1)
+    with eager_attention(model):
+        handles = [decoder_layers(model)[layer].self_attn.register_forward_pre_hook(hook, with_kwargs=True)
+                   for layer in layers]
+        try:
+            yield
+        finally:
+            for hd in handles:
+                hd.remove()
 
 
 def integrated_gradients(model, batch: dict, targets: torch.Tensor, mean: torch.Tensor, steps: int) -> torch.Tensor:
     """[batch, n_image_tokens] IG attribution of each row's ``targets[row]`` logit (at its last
     position) to each of its visual token embeddings, on the straight path from the mean embedding
     to the real ones (``steps`` Riemann midpoints; rows are independent, so one backward serves all)."""
-    captured = {}
-    h = model.model.multi_modal_projector.register_forward_hook(lambda _m, _a, out: captured.__setitem__("x", out.detach()))
-    try:
-        with torch.no_grad():
-            model(**batch, use_cache=False)
-    finally:
-        h.remove()
-    x = captured["x"]
+    x = visual_embeddings(model, batch["pixel_values"])
     x0 = mean.to(x.dtype).expand_as(x)
     total = torch.zeros_like(x)
     rows, last = torch.arange(len(x)), last_positions(batch)
     for s in range(steps):
         point = (x0 + (s + 0.5) / steps * (x - x0)).requires_grad_(True)
-        h = model.model.multi_modal_projector.register_forward_hook(lambda _m, _a, _o: point)
-        try:
+        with projector_hook(model, lambda _out: point):
             logits = model(**batch, use_cache=False).logits[rows, last, targets]
-            total += torch.autograd.grad(logits.sum(), point)[0]
-        finally:
-            h.remove()
+        total += torch.autograd.grad(logits.sum(), point)[0]
     return ((x - x0) * total / steps).sum(-1)
 
 
