@@ -14,6 +14,7 @@ if not workflow.overwrite_configfiles:
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/toy.smk"
+include: "workflow/rules/convert.smk"
 include: "workflow/rules/cache.smk"
 include: "workflow/rules/sae.smk"
 include: "workflow/rules/diff.smk"

@@ -11,7 +11,7 @@ from stagediff.capture import capture_residuals
 from stagediff.data.items import vqa_items
 from stagediff.models.vlm import decoder_layers, load_vlm
 
-CFG = {"dtype": "float32", "batch_size": 4, "chunk_rows": 16, "chunks_per_shard": 2, "pad_to_square": False}
+CFG = {"dtype": "float32", "batch_size": 4, "chunk_rows": 16, "chunks_per_shard": 2}
 
 
 @pytest.fixture(scope="module")

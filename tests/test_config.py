@@ -52,6 +52,9 @@ def test_override_for_unknown_layer():
 
 def test_paper_world_missing_path_is_named(tmp_path):
     cfg = yaml.safe_load((REPO / "config" / "llava_more.yaml").read_text())
+    cfg["model"]["original"]["checkpoint"] = str(tmp_path / "nowhere")
+    assert "model.original.checkpoint: path does not exist" in _err(cfg)
+    del cfg["model"]["original"]  # no conversion: the HF model must be there
     cfg["model"]["vlm"] = str(tmp_path / "nowhere")
     assert "model.vlm: path does not exist" in _err(cfg)
 

@@ -17,8 +17,7 @@ def test_feature_firing_on_every_token_survives_and_a_silent_one_does_not(tiny_w
     model, processor = load_vlm(cfg["model"]["vlm"])
     items = vqa_items(cfg["data"], "val", cfg["prompts"], cfg["question_splits"])
     cache_activations(model, processor, items, [1], {1: tmp_path / "L1.zarr"},
-                      {"dtype": "float32", "batch_size": 8, "chunk_rows": 64, "chunks_per_shard": 2,
-                       "pad_to_square": False}, {"dtype": "float32"})
+                      {"dtype": "float32", "batch_size": 8, "chunk_rows": 64, "chunks_per_shard": 2}, {"dtype": "float32"})
     d = model.config.text_config.hidden_size
     sae = TopKSAE(d, 3, k=3)
     with torch.no_grad():

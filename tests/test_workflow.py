@@ -1,6 +1,8 @@
 """Real Snakemake runs on the tiny toy config: lint, end to end, and per-layer staleness."""
 import csv
 import io
+import zipfile
+from pathlib import Path
 
 import h5py
 import pandas as pd
@@ -78,6 +80,11 @@ def test_end_to_end_then_only_the_changed_layer_is_stale(workdir, monkeypatch):
     with pytest.raises(FileNotFoundError, match="the run has: ablation"):
         load_table("no_such_table", ".test/config.yaml", workdir)
     assert set(summary(workdir).values()) == {"no update"}
+    # the HTML report bundles every table and every figure of the run
+    run_smk(*CFG, "--report", "report.zip", cwd=workdir)
+    bundled = {Path(n).name for n in zipfile.ZipFile(workdir / "report.zip").namelist()}
+    assert {p.name for p in (res / "tables").glob("*.parquet")} <= bundled
+    assert {p.name for p in (res / "figures").rglob("*.png")} <= bundled
 
     cfg_path = workdir / ".test" / "config.yaml"
     cfg = yaml.safe_load(cfg_path.read_text())

@@ -120,7 +120,7 @@ def cache_activations(model, processor, items: list[Item], layers: list[int], ou
         counts = {m: 0 for m in MODALITIES}
         t0, done = time.time(), 0
         n_batches = (len(items) + cfg["batch_size"] - 1) // cfg["batch_size"]
-        for bi, (part, b) in enumerate(iter_batches(processor, items, cfg["batch_size"], cfg["pad_to_square"])):
+        for bi, (part, b) in enumerate(iter_batches(processor, items, cfg["batch_size"])):
             for m, n in cache_batch(model, part, b, layers, writers, cfg["dtype"]).items():
                 counts[m] += n
             done += len(part)

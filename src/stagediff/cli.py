@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import platform
 import sys
 from pathlib import Path
 
@@ -34,7 +36,8 @@ def _world(p: dict):
     from stagediff.seed import pick_device, seed_everything
 
     seed_everything(p["seed"])
-    return load_vlm(p["model"]["vlm"], pick_device(p["device"]), p["model"]["dtype"])
+    m = p["model"]
+    return load_vlm(m["vlm"], pick_device(p["device"]), m["dtype"], m["pad_to_square"])
 
 
 def _has_downstream(selected, layer: int) -> bool:
@@ -82,6 +85,18 @@ def cmd_toy_vlm(a) -> None:
                   p["image_size"], p["seed"])
 
 
+def cmd_plan(a) -> None:
+    from stagediff.plan import plan, render
+
+    print(render(plan(a.config, a.text_tokens, a.gpu_tflops, a.mfu)))
+
+
+def cmd_convert_llava(a) -> None:
+    from stagediff.models.convert import convert_llava
+
+    convert_llava(a.checkpoint, a.vision_tower, a.out, a.dtype)
+
+
 def cmd_vlm_accuracy(a) -> None:
     from stagediff.data.items import vqa_items, vsr_items
     from stagediff.evaluate_vlm import accuracy_table, predict
@@ -92,7 +107,7 @@ def cmd_vlm_accuracy(a) -> None:
     model, processor = _world(p)
     items = (vqa_items(p["data"], e["split"], p["prompts"], p["question_splits"], e["n"], p["seed"])
              + vsr_items(p["data"], e["split"], p["prompts"], e["n"]))
-    preds = predict(model, processor, items, e["batch_size"], e["max_new_tokens"], p["model"]["pad_to_square"])
+    preds = predict(model, processor, items, e["batch_size"], e["max_new_tokens"])
     table = accuracy_table(items, preds)
     log.info("VLM accuracy (%s split):\n%s", e["split"], table.to_string(index=False))
     write_parquet(table, a.out)
@@ -113,7 +128,7 @@ def cmd_cache(a) -> None:
              "hook": "decoder block output (resid_post)", "config_hash": config_hash(p),
              "d_model": model.config.text_config.hidden_size}
     cache_activations(model, processor, items, a.layers, dict(zip(a.layers, map(Path, a.out))),
-                      {**c, "pad_to_square": p["model"]["pad_to_square"]}, attrs)
+                      c, attrs)
 
 
 def cmd_sae_finetune(a) -> None:
@@ -452,6 +467,13 @@ COMMANDS = {
                      ["--params", "--data", "--base-lm", ("--layer", {"type": int, "required": True}), "--out"]),
     "toy-vlm": (cmd_toy_vlm, "visual-instruction-tune the toy LLaVA from the base LM",
                 ["--params", "--base-lm", "--out"]),
+    "plan": (cmd_plan, "jobs per rule, cache size per layer and GPU-hours of a config, before running it",
+             [("config", {}), ("--text-tokens", {"type": int, "default": 20, "help": "text tokens per sample"}),
+              ("--gpu-tflops", {"type": float, "default": 989.0, "help": "peak (H100 bf16 dense: 989)"}),
+              ("--mfu", {"type": float, "default": 0.4, "help": "utilisation of the peak"})]),
+    "convert-llava": (cmd_convert_llava, "original LLaVA(-MORE) checkpoint -> HF LlavaForConditionalGeneration",
+                      ["--checkpoint", "--vision-tower", "--out",
+                       ("--dtype", {"choices": ["float32", "float16", "bfloat16"], "default": "bfloat16"})]),
     "vlm-accuracy": (cmd_vlm_accuracy, "held-out VLM accuracy per question family (Parquet)", ["--params", "--out"]),
     "cache": (cmd_cache, "cache residual activations of a layer group to Zarr (one forward)",
               ["--params", ("--layers", {"type": int, "nargs": "+", "required": True}),
@@ -528,6 +550,10 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    # Where the job ran, first in every rule log: on a cluster this says which SLURM job and which
+    # GPUs (CUDA_VISIBLE_DEVICES) it was given.
+    log.info("stagediff %s on %s (SLURM job %s, CUDA_VISIBLE_DEVICES=%s)", a.cmd, platform.node(),
+             os.environ.get("SLURM_JOB_ID", "-"), os.environ.get("CUDA_VISIBLE_DEVICES", "-"))
     try:
         a.fn(a)
     except (FileNotFoundError, ValueError, FloatingPointError, RuntimeError) as e:

@@ -153,9 +153,12 @@ def resolve_world(config: dict) -> None:
 
 
 def _check_paths(config: dict, source: str) -> None:
-    d = config["data"]
-    paths = {"model.vlm": Path(config["model"]["vlm"]) / "config.json",
-             "data.vqav2.root": Path(d["vqav2"]["root"]), "data.vqav2.images": Path(d["vqav2"]["images"]),
+    d, m = config["data"], config["model"]
+    # the VLM is either there already or converted by the workflow from the original checkpoint
+    paths = ({"model.original.checkpoint": Path(m["original"]["checkpoint"]) / "config.json",
+              "model.original.vision_tower": Path(m["original"]["vision_tower"]) / "config.json"}
+             if "original" in m else {"model.vlm": Path(m["vlm"]) / "config.json"})
+    paths |= {"data.vqav2.root": Path(d["vqav2"]["root"]), "data.vqav2.images": Path(d["vqav2"]["images"]),
              "data.vsr.root": Path(d["vsr"]["root"]), "data.neutral_prompts": Path(d["neutral_prompts"])}
     for key, p in paths.items():
         if not p.exists():

@@ -20,12 +20,11 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def predict(model, processor, items: list[Item], batch_size: int, max_new_tokens: int,
-            pad_to_square: bool = False) -> list[str]:
+def predict(model, processor, items: list[Item], batch_size: int, max_new_tokens: int) -> list[str]:
     preds = []
     for i in range(0, len(items), batch_size):
         part = items[i : i + batch_size]
-        b = encode_batch(processor, [load_image(it.image_path, pad_to_square) for it in part],
+        b = encode_batch(processor, [load_image(it.image_path) for it in part],
                          [chat_prompt(processor, it.user_text) for it in part], padding_side="left")
         b = to_model(b, model)
         out = model.generate(**b, max_new_tokens=max_new_tokens, do_sample=False,

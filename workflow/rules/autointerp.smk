@@ -19,7 +19,7 @@ rule autointerp_examples:
         f"{LOGS}/autointerp_examples/L{{layer}}.log",
     threads: 2
     resources:
-        gpu=1,
+        **GPU_JOB,
     conda:
         ENV
     shell:
@@ -38,6 +38,8 @@ rule autointerp_describe:
         p=params_json("autointerp", "seed"),
     log:
         f"{LOGS}/autointerp_describe/L{{layer}}.log",
+    resources:
+        **CPU_JOB,
     conda:
         ENV
     shell:
@@ -52,6 +54,8 @@ rule autointerp_summary:
         report(f"{OUT}/tables/autointerp.parquet", caption="../report/autointerp.rst", category="Auto-interp"),
     log:
         f"{LOGS}/autointerp_summary.log",
+    resources:
+        **CPU_JOB,
     conda:
         ENV
     shell:
@@ -66,6 +70,8 @@ rule autointerp_figures:
                caption="../report/autointerp_figures.rst", category="Auto-interp"),
     log:
         f"{LOGS}/autointerp_figures.log",
+    resources:
+        **CPU_JOB,
     conda:
         ENV
     shell:

@@ -6,14 +6,14 @@ rule vlm_accuracy:
     input:
         **world_inputs(),
     output:
-        f"{OUT}/tables/vlm_accuracy.parquet",
+        report(f"{OUT}/tables/vlm_accuracy.parquet", caption="../report/vlm_accuracy.rst", category="VLM"),
     params:
         p=params_json("data", "model", "prompts", "question_splits", "evaluate_vlm", "seed", "device"),
     log:
         f"{LOGS}/vlm_accuracy.log",
     threads: 2
     resources:
-        gpu=1,
+        **GPU_JOB,
     conda:
         ENV
     shell:
@@ -36,7 +36,7 @@ for _gid, _group in enumerate(layer_groups()):
             f"{LOGS}/cache_activations_g{_gid}.log",
         threads: 2
         resources:
-            gpu=1,
+            **GPU_JOB,
         conda:
             ENV
         shell:

@@ -1,4 +1,6 @@
 # Config validation (at parse time, before any job runs) and the helpers rules share.
+from pathlib import Path
+
 import stagediff.config as sdc
 
 config.update(sdc.validate(config, source="config"))
@@ -12,6 +14,27 @@ ENV = "../../envs/stagediff.yaml"
 
 
 REGIMES = config["sae_finetune"]["regimes"]
+
+
+def job_resources(kind):
+    """A job's cluster request from config `resources`: memory and minutes grow with the attempt,
+    so a job killed for OOM or TIMEOUT is retried (profile `retries`) with more of both."""
+    r = config["resources"][kind]
+    return {
+        **({"gpu": 1} if kind == "gpu" else {}),  # --gpus=1; never also `gres` (a double request)
+        "mem_mb": lambda wildcards, attempt: r["mem_mb"] * attempt,
+        "runtime": lambda wildcards, attempt: r["runtime"] * attempt,
+    }
+
+
+def convert_mem_mb(wildcards, input, attempt):
+    """Conversion holds the weights about three times over (read, renamed, cast)."""
+    weights = sum(f.stat().st_size for f in Path(input.checkpoint).glob("*.safetensors")) >> 20
+    return max(config["resources"]["cpu"]["mem_mb"], 3 * weights) * attempt
+
+
+GPU_JOB = job_resources("gpu")
+CPU_JOB = job_resources("cpu")
 
 
 wildcard_constraints:

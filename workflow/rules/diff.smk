@@ -14,6 +14,8 @@ rule diff_layer:
     log:
         f"{LOGS}/diff_layer/L{{layer}}.log",
     threads: 2
+    resources:
+        **CPU_JOB,
     conda:
         ENV
     shell:
@@ -27,11 +29,13 @@ rule diff_adapted:
     output:
         features=report(f"{OUT}/tables/adapted_features.parquet", caption="../report/adapted.rst",
                         category="Diffing"),
-        sweep=f"{OUT}/tables/threshold_sweep.parquet",
+        sweep=report(f"{OUT}/tables/threshold_sweep.parquet", caption="../report/adapted.rst", category="Diffing"),
     params:
         p=params_json("diff"),
     log:
         f"{LOGS}/diff_adapted.log",
+    resources:
+        **CPU_JOB,
     conda:
         ENV
     shell:
@@ -50,6 +54,8 @@ rule diff_figures:
         p=params_json("diff"),
     log:
         f"{LOGS}/diff_figures.log",
+    resources:
+        **CPU_JOB,
     conda:
         ENV
     shell:
@@ -69,6 +75,8 @@ rule shift_layer:
     log:
         f"{LOGS}/shift_layer/L{{layer}}.log",
     threads: 2
+    resources:
+        **CPU_JOB,
     conda:
         ENV
     shell:
@@ -85,6 +93,8 @@ rule shift_candidates:
         p=params_json("shift"),
     log:
         f"{LOGS}/shift_candidates.log",
+    resources:
+        **CPU_JOB,
     conda:
         ENV
     shell:
@@ -99,6 +109,8 @@ rule shift_figures:
                category="Diffing"),
     log:
         f"{LOGS}/shift_figures.log",
+    resources:
+        **CPU_JOB,
     conda:
         ENV
     shell:
@@ -120,7 +132,7 @@ rule neutral_layer:
         f"{LOGS}/neutral_layer/L{{layer}}.log",
     threads: 2
     resources:
-        gpu=1,
+        **GPU_JOB,
     conda:
         ENV
     shell:
@@ -136,11 +148,14 @@ rule select_features:
     output:
         selected=report(f"{OUT}/tables/selected_features.parquet", caption="../report/selected.rst",
                         category="Diffing"),
-        evidence=f"{OUT}/tables/neutral_evidence.parquet",
+        evidence=report(f"{OUT}/tables/neutral_evidence.parquet", caption="../report/selected.rst",
+                        category="Diffing"),
     params:
         p=params_json("neutral", "selection"),
     log:
         f"{LOGS}/select_features.log",
+    resources:
+        **CPU_JOB,
     conda:
         ENV
     shell:

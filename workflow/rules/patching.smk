@@ -12,7 +12,7 @@ rule patching_mean:
     log:
         f"{LOGS}/patching_mean.log",
     resources:
-        gpu=1,
+        **GPU_JOB,
     conda:
         ENV
     shell:
@@ -36,7 +36,7 @@ rule patching_layer:
         f"{LOGS}/patching_layer/L{{layer}}.log",
     threads: 2
     resources:
-        gpu=1,
+        **GPU_JOB,
     conda:
         ENV
     shell:
@@ -51,9 +51,12 @@ rule patching_tables:
         validation=expand(rules.patching_layer.output.validation, layer=LAYERS),
     output:
         scores=report(f"{OUT}/tables/head_scores.parquet", caption="../report/patching.rst", category="Patching"),
-        validation=f"{OUT}/tables/patching_validation.parquet",
+        validation=report(f"{OUT}/tables/patching_validation.parquet", caption="../report/patching.rst",
+                          category="Patching"),
     log:
         f"{LOGS}/patching_tables.log",
+    resources:
+        **CPU_JOB,
     conda:
         ENV
     shell:
@@ -72,6 +75,8 @@ rule patching_figures:
         p=params_json("patching"),
     log:
         f"{LOGS}/patching_figures.log",
+    resources:
+        **CPU_JOB,
     conda:
         ENV
     shell:
@@ -92,7 +97,7 @@ rule ablation_layer:
         f"{LOGS}/ablation_layer/L{{layer}}.log",
     threads: 2
     resources:
-        gpu=1,
+        **GPU_JOB,
     conda:
         ENV
     shell:
@@ -105,13 +110,16 @@ rule ablation_table:
         expand(rules.ablation_layer.output[0], layer=LAYERS),
     output:
         table=report(f"{OUT}/tables/ablation.parquet", caption="../report/ablation.rst", category="Ablation"),
-        per_seed=f"{OUT}/tables/ablation_seeds.parquet",
+        per_seed=report(f"{OUT}/tables/ablation_seeds.parquet", caption="../report/ablation.rst",
+                        category="Ablation"),
         markdown=f"{OUT}/tables/ablation.md",
         latex=f"{OUT}/tables/ablation.tex",
     params:
         p=params_json("ablation"),
     log:
         f"{LOGS}/ablation_table.log",
+    resources:
+        **CPU_JOB,
     conda:
         ENV
     shell:

@@ -15,7 +15,7 @@ rule sae_finetune:
         f"{LOGS}/sae_finetune/L{{layer}}_{{regime}}.log",
     threads: 2
     resources:
-        gpu=1,
+        **GPU_JOB,
     conda:
         ENV
     shell:
@@ -36,6 +36,8 @@ rule sae_evaluate:
     log:
         f"{LOGS}/sae_evaluate/L{{layer}}.log",
     threads: 2
+    resources:
+        **CPU_JOB,
     conda:
         ENV
     shell:
@@ -50,6 +52,8 @@ rule sae_fvu_table:
         report(f"{OUT}/tables/sae_fvu.parquet", caption="../report/sae_fvu.rst", category="SAE adaptation"),
     log:
         f"{LOGS}/sae_fvu_table.log",
+    resources:
+        **CPU_JOB,
     conda:
         ENV
     shell:
@@ -65,6 +69,8 @@ rule sae_figures:
                category="SAE adaptation"),
     log:
         f"{LOGS}/sae_figures.log",
+    resources:
+        **CPU_JOB,
     conda:
         ENV
     shell:

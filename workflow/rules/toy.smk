@@ -10,6 +10,8 @@ if TOY:
             p=params_json(data=config["toy"]["data"], seed=config["seed"]),
         log:
             f"{LOGS}/toy_data.log",
+        resources:
+            **CPU_JOB,
         conda:
             ENV
         shell:
@@ -25,6 +27,8 @@ if TOY:
         log:
             f"{LOGS}/toy_base_lm.log",
         threads: 2
+        resources:
+            **CPU_JOB,
         conda:
             ENV
         shell:
@@ -40,6 +44,8 @@ if TOY:
             p=toy_base_sae_params,
         log:
             f"{LOGS}/toy_base_sae/L{{layer}}.log",
+        resources:
+            **CPU_JOB,
         conda:
             ENV
         shell:
@@ -64,6 +70,8 @@ if TOY:
         log:
             f"{LOGS}/toy_vlm.log",
         threads: 2
+        resources:
+            **CPU_JOB,
         conda:
             ENV
         shell:

@@ -14,7 +14,7 @@ rule visual_ablation:
         f"{LOGS}/visual_ablation.log",
     threads: 2
     resources:
-        gpu=1,
+        **GPU_JOB,
     conda:
         ENV
     shell:
@@ -25,14 +25,15 @@ rule visual_logit_lens:
     input:
         **world_inputs(),
     output:
-        table=f"{OUT}/tables/visual_logit_lens.parquet",
+        table=report(f"{OUT}/tables/visual_logit_lens.parquet", caption="../report/visual.rst",
+                     category="Visual tokens"),
         maps=f"{OUT}/visual/logit_lens_maps.json",
     params:
         p=params_json("visual", "data", "prompts", "model", "seed", "device"),
     log:
         f"{LOGS}/visual_logit_lens.log",
     resources:
-        gpu=1,
+        **GPU_JOB,
     conda:
         ENV
     shell:
@@ -43,14 +44,14 @@ rule visual_knockout:
     input:
         **world_inputs(),
     output:
-        f"{OUT}/tables/visual_knockout.parquet",
+        report(f"{OUT}/tables/visual_knockout.parquet", caption="../report/visual.rst", category="Visual tokens"),
     params:
         p=params_json("visual", "data", "prompts", "model", "seed", "device"),
     log:
         f"{LOGS}/visual_knockout.log",
     threads: 2
     resources:
-        gpu=1,
+        **GPU_JOB,
     conda:
         ENV
     shell:
@@ -68,6 +69,8 @@ rule visual_figures:
                category="Visual tokens"),
     log:
         f"{LOGS}/visual_figures.log",
+    resources:
+        **CPU_JOB,
     conda:
         ENV
     shell:

@@ -17,11 +17,15 @@ from stagediff.data.items import Item
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def load_vlm(path: str | Path, device: torch.device | str = "cpu", dtype: str = "float32"):
+def load_vlm(path: str | Path, device: torch.device | str = "cpu", dtype: str = "float32",
+             pad_to_square: bool = False):
+    """Model and processor; ``pad_to_square`` (LLaVA-MORE's preprocessing) is set on the processor
+    here, once, so every stage that encodes images through ``encode_batch`` pads the same way."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no HF model at {path} (config.json missing)")
     processor = AutoProcessor.from_pretrained(path)
+    processor.pad_to_square = pad_to_square
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True)
     return model.to(device).eval(), processor
 
@@ -32,15 +36,18 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return (inner.language_model if hasattr(inner, "language_model") else inner).layers
 
 
-def load_image(path: str | Path, pad_to_square: bool = False) -> Image.Image:
-    """RGB image; LLaVA-style pad-to-square (LLaVA-MORE) fills with the processor's mean colour."""
-    img = Image.open(path).convert("RGB")
-    if pad_to_square and img.width != img.height:
-        side = max(img.size)
-        canvas = Image.new("RGB", (side, side), (122, 116, 104))  # CLIP mean * 255
-        canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
-        img = canvas
-    return img
+def load_image(path: str | Path) -> Image.Image:
+    return Image.open(path).convert("RGB")
+
+
+def expand_to_square(img: Image.Image, fill: tuple[int, ...]) -> Image.Image:
+    """LLaVA's ``expand2square``: the image centred on a square of the processor's mean colour."""
+    if img.width == img.height:
+        return img
+    side = max(img.size)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+    return canvas
 
 
 def chat_prompt(processor, user_text: str, answer: str | None = None) -> str:
@@ -54,6 +61,9 @@ def chat_prompt(processor, user_text: str, answer: str | None = None) -> str:
 
 def encode_batch(processor, images: list[Image.Image], texts: list[str], padding_side: str = "right") -> dict:
     """Processor call shared by every stage: image tokens expanded, BOS from the template."""
+    if getattr(processor, "pad_to_square", False):
+        fill = tuple(int(m * 255) for m in processor.image_processor.image_mean)
+        images = [expand_to_square(im, fill) for im in images]
     processor.tokenizer.padding_side = padding_side
     return processor(images=images, text=texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
@@ -66,11 +76,11 @@ def token_masks(batch: dict, model) -> tuple[torch.Tensor, torch.Tensor]:
     return image, text
 
 
-def iter_batches(processor, items: list[Item], batch_size: int, pad_to_square: bool = False):
+def iter_batches(processor, items: list[Item], batch_size: int):
     """Encoded prompt batches (question only, generation prompt appended; right padding)."""
     for i in range(0, len(items), batch_size):
         part = items[i : i + batch_size]
-        b = encode_batch(processor, [load_image(it.image_path, pad_to_square) for it in part],
+        b = encode_batch(processor, [load_image(it.image_path) for it in part],
                          [chat_prompt(processor, it.user_text) for it in part])
         yield part, b
 
