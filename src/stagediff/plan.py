@@ -26,7 +26,7 @@ from stagediff import config as sdc
 
 REPO = Path(__file__).resolve().parents[2]
 BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-META_BYTES = 16  # per cached token: sample id, position, token id, split
+META_BYTES = 8 + 4 + 4 + 1  # per cached token: sample id, position, token id, split
 
 
 @dataclass
@@ -34,7 +34,6 @@ class Arch:
     d_model: int
     n_layers: int
     d_mlp: int
-    vocab: int
     image_tokens: int
     vision_d: int
     vision_layers: int
@@ -54,7 +53,7 @@ def architecture(cfg: dict) -> Arch:
     if "toy" in cfg:
         t = cfg["toy"]
         v = t["vlm"]["vision"]
-        return Arch(t["base_lm"]["d_model"], t["base_lm"]["n_layers"], t["base_lm"]["d_mlp"], 64,
+        return Arch(t["base_lm"]["d_model"], t["base_lm"]["n_layers"], t["base_lm"]["d_mlp"],
                     (t["data"]["image_size"] // v["patch_size"]) ** 2, v["d_model"], v["n_layers"], 4 * v["d_model"])
     m = cfg["model"]
     hf = Path(m["vlm"]) / "config.json"
@@ -70,7 +69,7 @@ def architecture(cfg: dict) -> Arch:
                 raise FileNotFoundError(f"{f}: missing; fetch the config.json files first (a few KB)")
         text, vision = (json.loads(f.read_text()) for f in files)
         vision = vision.get("vision_config", vision)
-    return Arch(text["hidden_size"], text["num_hidden_layers"], text["intermediate_size"], text["vocab_size"],
+    return Arch(text["hidden_size"], text["num_hidden_layers"], text["intermediate_size"],
                 (vision["image_size"] // vision["patch_size"]) ** 2, vision["hidden_size"],
                 vision["num_hidden_layers"], vision["intermediate_size"])
 
@@ -112,19 +111,20 @@ def standin_config(raw: dict, root: Path) -> dict:
     return raw
 
 
-def job_counts(raw: dict, source: str = "config") -> dict[str, int]:
-    """Per-rule job counts of a full run from scratch, from Snakemake's own dry run."""
+def job_counts(raw: dict, source: str = "config") -> tuple[dict, dict[str, int]]:
+    """The validated config (stand-in paths) and per-rule job counts of a full run from scratch,
+    from Snakemake's own dry run."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         standin = standin_config(raw, root)
-        sdc.validate(standin, source)  # one clear message for a bad key, before Snakemake runs
+        cfg = sdc.validate(standin, source)  # one clear message for a bad key, before Snakemake runs
         (root / "config.yaml").write_text(yaml.safe_dump(standin))
         r = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--quiet", "rules", "-s", str(REPO / "Snakefile"),
                             "-d", str(root), "--configfile", str(root / "config.yaml")],
                            capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"snakemake dry run of {source} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
-    return {k: int(v) for k, v in re.findall(r"^(\w+) +(\d+)$", r.stdout, re.M) if k not in ("all", "total")}
+    return cfg, {k: int(v) for k, v in re.findall(r"^(\w+) +(\d+)$", r.stdout, re.M) if k not in ("all", "total")}
 
 
 def sae_width(raw: dict, arch: Arch) -> int:
@@ -139,10 +139,8 @@ def sae_width(raw: dict, arch: Arch) -> int:
 def plan(config_file: str | Path, text_tokens: int = 20, gpu_tflops: float = 989.0, mfu: float = 0.4) -> dict:
     """Jobs per rule, cache size per layer and split, and FLOPs / GPU-hours of the heavy stages."""
     raw = yaml.safe_load(Path(config_file).read_text())
-    jobs = job_counts(raw, str(config_file))
-    with tempfile.TemporaryDirectory() as tmp:  # the numbers only: paths may not exist yet
-        cfg = sdc.validate(standin_config(raw, Path(tmp)), str(config_file))
-    arch = architecture(cfg if "toy" in raw else raw)
+    cfg, jobs = job_counts(raw, str(config_file))
+    arch = architecture(cfg if "toy" in raw else raw)  # the user's own model files, not stand-ins
     c = cfg["cache"]
     seq = arch.image_tokens + text_tokens
     per_token = arch.d_model * BYTES[c["dtype"]] + META_BYTES
