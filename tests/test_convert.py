@@ -13,7 +13,7 @@ from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfi
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from stagediff.models.convert import LLAMA31_TEMPLATE, convert_llava
-from stagediff.models.vlm import chat_prompt, encode_batch, expand_to_square, load_vlm
+from stagediff.models.vlm import CLIP_FILL, chat_prompt, encode_batch, expand_to_square, load_vlm, model_view
 
 SPECIAL = ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>",
            "<|finetune_right_pad_id|>", "<unk>"]
@@ -126,3 +126,16 @@ def test_pickled_weights_are_not_loaded(tmp_path):
     with pytest.raises(FileNotFoundError, match="safetensors"):
         convert_llava(ckpt, tower, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_heatmaps_are_drawn_on_the_square_the_tower_saw(tmp_path):
+    """Figures and the OVERLAY prompts draw the square patch grid on ``model_view``: the padded
+    image for LLaVA-MORE, the centre crop for a plain CLIP processor."""
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    img.paste((255, 255, 255), (10, 0, 30, 20))  # a white band in the middle third
+    img.save(tmp_path / "wide.png")
+    padded = model_view(tmp_path / "wide.png", pad_to_square=True)
+    assert padded.size == (40, 40) and padded.getpixel((20, 20)) == (255, 255, 255)
+    assert padded.getpixel((20, 2)) == CLIP_FILL == tuple(int(m * 255) for m in CLIPImageProcessorPil().image_mean)
+    cropped = model_view(tmp_path / "wide.png", pad_to_square=False)
+    assert cropped.size == (20, 20) and {cropped.getpixel((x, 10)) for x in range(20)} == {(255, 255, 255)}

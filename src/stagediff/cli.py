@@ -298,13 +298,13 @@ def cmd_autointerp_describe(a) -> None:
     p = _params(a.params)
     ai = p["autointerp"]
     examples = json.loads(Path(a.examples).read_text())
-    write_parquet(describe_layer(examples, ai, ai["cache_dir"], p["seed"], a.out_dir), a.summary)
+    write_parquet(describe_layer(examples, ai, ai["cache_dir"], p["seed"], a.out_dir, p["pad_to_square"]), a.summary)
 
 
 def cmd_autointerp_figures(a) -> None:
     from stagediff.figures.autointerp import autointerp_figures
 
-    autointerp_figures(a.dirs, a.out_dir)
+    autointerp_figures(a.dirs, a.out_dir, _params(a.params)["pad_to_square"])
 
 
 def cmd_patching_mean(a) -> None:
@@ -394,7 +394,8 @@ def cmd_ablation_table(a) -> None:
 def cmd_patching_figures(a) -> None:
     from stagediff.figures.patching import patching_figures
 
-    patching_figures(_read_tables(a.scores), a.dirs, _params(a.params)["patching"], a.out_dir)
+    p = _params(a.params)
+    patching_figures(_read_tables(a.scores), a.dirs, p["patching"], a.out_dir, p["pad_to_square"])
 
 
 def _visual_setup(p: dict):
@@ -454,7 +455,7 @@ def cmd_visual_figures(a) -> None:
     from stagediff.figures.visual import visual_figures
 
     visual_figures(pd.read_parquet(a.ablation), pd.read_parquet(a.logit_lens), json.loads(Path(a.maps).read_text()),
-                   pd.read_parquet(a.knockout), a.out_dir)
+                   pd.read_parquet(a.knockout), a.out_dir, _params(a.params)["pad_to_square"])
 
 
 # subcommand: (function, help, options); an option is a name or (name, argparse kwargs)
@@ -513,7 +514,7 @@ COMMANDS = {
     "autointerp-describe": (cmd_autointerp_describe, "describe each feature (LLM or offline) and validate it (F1)",
                             ["--params", "--examples", "--out-dir", "--summary"]),
     "autointerp-figures": (cmd_autointerp_figures, "Fig 3-style panels: top samples, activations, description",
-                           [("dirs", {"nargs": "+"}), "--out-dir"]),
+                           ["--params", ("dirs", {"nargs": "+"}), "--out-dir"]),
     "patching-mean": (cmd_patching_mean, "the mean visual-token embedding (the corrupt run's input)",
                       ["--params", "--out"]),
     "patching-layer": (cmd_patching_layer, "attribution patching (Methods A, B; exact check) of a layer's features",
@@ -533,7 +534,7 @@ COMMANDS = {
     "visual-knockout": (cmd_visual_knockout, "Neo et al. Table 2: attention knockout between token groups",
                         ["--params", "--out"]),
     "visual-figures": (cmd_visual_figures, "token-ablation, logit-lens and knockout figures and Markdown tables",
-                       ["--ablation", "--logit-lens", "--maps", "--knockout", "--out-dir"]),
+                       ["--params", "--ablation", "--logit-lens", "--maps", "--knockout", "--out-dir"]),
 }
 
 

@@ -35,7 +35,7 @@ rule autointerp_describe:
         features=directory(f"{OUT}/autointerp/L{{layer}}"),
         summary=f"{OUT}/autointerp/L{{layer}}.parquet",
     params:
-        p=params_json("autointerp", "seed"),
+        p=params_json("autointerp", "seed", pad_to_square=config["model"]["pad_to_square"]),
     log:
         f"{LOGS}/autointerp_describe/L{{layer}}.log",
     resources:
@@ -68,6 +68,8 @@ rule autointerp_figures:
     output:
         report(directory(f"{OUT}/figures/autointerp"), patterns=["{name}.png"],
                caption="../report/autointerp_figures.rst", category="Auto-interp"),
+    params:
+        p=params_json(pad_to_square=config["model"]["pad_to_square"]),
     log:
         f"{LOGS}/autointerp_figures.log",
     resources:
@@ -75,4 +77,4 @@ rule autointerp_figures:
     conda:
         ENV
     shell:
-        "stagediff autointerp-figures {input} --out-dir {output} 2> {log}"
+        "stagediff autointerp-figures --params {params.p:q} {input} --out-dir {output} 2> {log}"

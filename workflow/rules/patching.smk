@@ -72,7 +72,7 @@ rule patching_figures:
         report(directory(f"{OUT}/figures/patching"), patterns=["{name}.png"], caption="../report/patching.rst",
                category="Patching"),
     params:
-        p=params_json("patching"),
+        p=params_json("patching", pad_to_square=config["model"]["pad_to_square"]),
     log:
         f"{LOGS}/patching_figures.log",
     resources:

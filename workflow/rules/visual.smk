@@ -67,6 +67,8 @@ rule visual_figures:
     output:
         report(directory(f"{OUT}/figures/visual"), patterns=["{name}.png"], caption="../report/visual.rst",
                category="Visual tokens"),
+    params:
+        p=params_json(pad_to_square=config["model"]["pad_to_square"]),
     log:
         f"{LOGS}/visual_figures.log",
     resources:
@@ -74,5 +76,5 @@ rule visual_figures:
     conda:
         ENV
     shell:
-        "stagediff visual-figures --ablation {input.ablation} --logit-lens {input.lens} --maps {input.maps}"
-        " --knockout {input.knockout} --out-dir {output} 2> {log}"
+        "stagediff visual-figures --params {params.p:q} --ablation {input.ablation} --logit-lens {input.lens}"
+        " --maps {input.maps} --knockout {input.knockout} --out-dir {output} 2> {log}"

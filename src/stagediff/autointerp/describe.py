@@ -8,6 +8,8 @@ fired on the pool with ``status: no_examples``.
 """
 from __future__ import annotations
 
+import functools
+
 import logging
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +23,7 @@ from stagediff.autointerp.llm import LLMClient, LLMFailure, Usage
 from stagediff.autointerp.prompts import (DESCRIBE_SCHEMA, classify_schema, describe_messages, prompt_hash,
                                           validate_messages)
 from stagediff.io import atomic_dir, write_json
-from stagediff.models.vlm import load_image
+from stagediff.models.vlm import model_view
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +61,9 @@ def rounds(ex: dict, cfg: dict, seed: int) -> list[list[tuple[dict, int]]]:
 class Interpreter:
     """One backend (offline or openai) applied to features; thread-safe for the openai client."""
 
-    def __init__(self, cfg: dict, cache_dir: str, seed: int):
+    def __init__(self, cfg: dict, cache_dir: str, seed: int, pad_to_square: bool = False):
         self.cfg, self.seed = cfg, seed
+        self.load = functools.partial(model_view, pad_to_square=pad_to_square)  # images as the model saw them
         self.client = LLMClient(cfg["openai"], cache_dir) if cfg["backend"] == "openai" else None
         self.model = cfg["openai"]["model"] if self.client else "offline-keywords"
 
@@ -68,13 +71,13 @@ class Interpreter:
         if self.client is None:
             d = offline.describe(ex["top"], ex["contrast"])
             return d["description"], d["keywords"]
-        msgs = describe_messages(ex["top"], self.cfg["variant"], load_image, self.cfg["image_max_side"])
+        msgs = describe_messages(ex["top"], self.cfg["variant"], self.load, self.cfg["image_max_side"])
         return self.client.ask_json(msgs, DESCRIBE_SCHEMA, usage)["description"], []
 
     def _classify(self, description: str, keywords: list[str], batch: list[dict], usage: Usage) -> list[int]:
         if self.client is None:
             return offline.classify(keywords, batch)
-        msgs = validate_messages(description, batch, self.cfg["variant"], load_image, self.cfg["image_max_side"])
+        msgs = validate_messages(description, batch, self.cfg["variant"], self.load, self.cfg["image_max_side"])
         return self.client.ask_json(msgs, classify_schema(len(batch)), usage)["classifications"]
 
     def feature(self, key: dict, ex: dict) -> dict:
@@ -121,11 +124,12 @@ SUMMARY_COLUMNS = ["layer", "feature", "splits", "backend", "model", "variant", 
                    "cost_usd"]
 
 
-def describe_layer(examples: dict, cfg: dict, cache_dir: str, seed: int, out_dir) -> pd.DataFrame:
+def describe_layer(examples: dict, cfg: dict, cache_dir: str, seed: int, out_dir,
+                   pad_to_square: bool = False) -> pd.DataFrame:
     """Write ``feature_<f>.json`` per feature under ``out_dir`` (atomically); return the summary rows."""
     work = [({"layer": examples["layer"], "feature": f["feature"], "splits": f["splits"]}, f)
             for f in examples["features"]]
-    results = Interpreter(cfg, cache_dir, seed).features(work)
+    results = Interpreter(cfg, cache_dir, seed, pad_to_square).features(work)
     with atomic_dir(out_dir) as tmp:
         for r in results:
             write_json(r, Path(tmp) / f"feature_{r['feature']}.json")

@@ -13,21 +13,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from stagediff.autointerp.prompts import marked_text, overlay  # noqa: E402
 from stagediff.io import atomic_dir, save_figure  # noqa: E402
-from stagediff.models.vlm import load_image  # noqa: E402
+from stagediff.models.vlm import model_view  # noqa: E402
 
 
-def autointerp_figures(dirs: list[str | Path], out_dir: str | Path) -> None:
+def autointerp_figures(dirs: list[str | Path], out_dir: str | Path, pad_to_square: bool = False) -> None:
     with atomic_dir(out_dir) as tmp:
         for d in dirs:
             for path in sorted(Path(d).glob("feature_*.json")):
-                _figure(json.loads(path.read_text()), tmp)
+                _figure(json.loads(path.read_text()), tmp, pad_to_square)
 
 
-def _figure(rec: dict, out: Path) -> None:
+def _figure(rec: dict, out: Path, pad_to_square: bool) -> None:
     top = rec["examples"]
     fig, axes = plt.subplots(1, max(1, len(top)), figsize=(2.6 * max(1, len(top)), 3.4), squeeze=False)
     for ax, ex in zip(axes[0], top):
-        ax.imshow(overlay(load_image(ex["image"]), ex["image_activations"]))
+        ax.imshow(overlay(model_view(ex["image"], pad_to_square), ex["image_activations"]))
         ax.set_title(f"{ex['source']} · {ex['family']} · max {ex['max_activation']:.2f}", fontsize=7)
         ax.set_xlabel(textwrap.fill(marked_text(ex), 34), fontsize=6)
         ax.set_xticks([])

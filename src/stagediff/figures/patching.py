@@ -14,12 +14,13 @@ import pandas as pd  # noqa: E402
 
 from stagediff.autointerp.prompts import overlay  # noqa: E402
 from stagediff.io import atomic_dir, save_figure  # noqa: E402
-from stagediff.models.vlm import load_image  # noqa: E402
+from stagediff.models.vlm import model_view  # noqa: E402
 
 METHODS = {"method_b": "Method B", "method_a": "Method A"}
 
 
-def patching_figures(scores: pd.DataFrame, dirs: list[str | Path], cfg: dict, out_dir: str | Path) -> None:
+def patching_figures(scores: pd.DataFrame, dirs: list[str | Path], cfg: dict, out_dir: str | Path,
+                     pad_to_square: bool = False) -> None:
     with atomic_dir(out_dir) as tmp:
         if scores.empty:
             return
@@ -28,7 +29,7 @@ def patching_figures(scores: pd.DataFrame, dirs: list[str | Path], cfg: dict, ou
         _recurrence(scores, cfg["figure_top_heads"], tmp)
         for d in dirs:
             for h5 in sorted(Path(d).glob("feature_*.h5")):
-                _overlays(scores, h5, cfg["figure_top_heads"], tmp)
+                _overlays(scores, h5, cfg["figure_top_heads"], tmp, pad_to_square)
 
 
 def _head_scores(t: pd.DataFrame, method: str) -> pd.Series:
@@ -80,7 +81,7 @@ def _recurrence(scores: pd.DataFrame, n: int, out: Path) -> None:
     save_figure(fig, out, "fig4_head_recurrence")
 
 
-def _overlays(scores: pd.DataFrame, h5: Path, n: int, out: Path) -> None:
+def _overlays(scores: pd.DataFrame, h5: Path, n: int, out: Path, pad_to_square: bool) -> None:
     with h5py.File(h5) as f:
         layer, feature = int(f.attrs["layer"]), int(f.attrs["feature"])
         att = f["attention_to_image"][:]  # [sample, layer, head, patch]
@@ -91,7 +92,7 @@ def _overlays(scores: pd.DataFrame, h5: Path, n: int, out: Path) -> None:
         fig, axes = plt.subplots(len(heads), len(images), figsize=(1.8 * len(images), 1.9 * len(heads)), squeeze=False)
         for r, (src, h) in enumerate(heads):
             for c, path in enumerate(images):
-                axes[r, c].imshow(overlay(load_image(path), att[c, src, h].tolist()))
+                axes[r, c].imshow(overlay(model_view(path, pad_to_square), att[c, src, h].tolist()))
                 axes[r, c].set_xticks([])
                 axes[r, c].set_yticks([])
             axes[r, 0].set_ylabel(f"L{src}H{h}", fontsize=8)

@@ -13,16 +13,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from stagediff.io import atomic_dir, markdown_table, save_figure  # noqa: E402
-from stagediff.models.vlm import load_image  # noqa: E402
+from stagediff.models.vlm import model_view  # noqa: E402
 
 METRICS = ("generative", "polling", "vqa")
 
 
 def visual_figures(ablation: pd.DataFrame, lens: pd.DataFrame, maps: dict, knockout: pd.DataFrame,
-                   out_dir: str | Path) -> None:
+                   out_dir: str | Path, pad_to_square: bool = False) -> None:
     with atomic_dir(out_dir) as tmp:
         _ablation(ablation, tmp)
-        _lens(lens, maps, tmp)
+        _lens(lens, maps, tmp, pad_to_square)
         _knockout(knockout, tmp)
 
 
@@ -38,7 +38,7 @@ def _ablation(t: pd.DataFrame, out: Path) -> None:
     (out / "neo_table1_token_ablation.md").write_text(markdown_table(t) + "\n")
 
 
-def _lens(t: pd.DataFrame, maps: dict, out: Path) -> None:
+def _lens(t: pd.DataFrame, maps: dict, out: Path, pad_to_square: bool) -> None:
     per = t.groupby("layer").fraction.agg(["mean", "sem"])
     fig, ax = plt.subplots(figsize=(4.5, 3))
     ax.errorbar(per.index, per["mean"], yerr=per["sem"].fillna(0), marker="o")
@@ -49,7 +49,7 @@ def _lens(t: pd.DataFrame, maps: dict, out: Path) -> None:
         tokens = m["tokens"][best]
         side = math.isqrt(len(tokens))
         fig, ax = plt.subplots(figsize=(4, 4))
-        img = load_image(m["image"])
+        img = model_view(m["image"], pad_to_square)
         ax.imshow(img)
         cw, ch = img.size[0] / side, img.size[1] / side
         for i, tok in enumerate(tokens[: side * side]):

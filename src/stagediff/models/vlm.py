@@ -15,6 +15,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from stagediff.data.items import Item
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CLIP_FILL = (122, 116, 104)  # CLIP's mean colour x 255, LLaVA's padding (figures only; encode_batch reads the processor's)
 
 
 def load_vlm(path: str | Path, device: torch.device | str = "cpu", dtype: str = "float32",
@@ -48,6 +49,17 @@ def expand_to_square(img: Image.Image, fill: tuple[int, ...]) -> Image.Image:
     canvas = Image.new("RGB", (side, side), fill)
     canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
     return canvas
+
+
+def model_view(path: str | Path, pad_to_square: bool = False) -> Image.Image:
+    """The image as the vision tower saw it, for drawing patch heatmaps: the patch grid is square,
+    so a wide image was either padded (LLaVA-MORE) or centre-cropped (the CLIP processor)."""
+    img = load_image(path)
+    if pad_to_square:
+        return expand_to_square(img, CLIP_FILL)
+    side = min(img.size)
+    left, top = (img.width - side) // 2, (img.height - side) // 2
+    return img.crop((left, top, left + side, top + side))
 
 
 def chat_prompt(processor, user_text: str, answer: str | None = None) -> str:
