@@ -189,7 +189,8 @@ def test_openai_backend_end_to_end_on_the_tiny_vlm_and_the_key_is_written_nowher
         ai = openai_cfg(srv.url)
         ai["cache_dir"] = str(tmp_path / "llm_cache")
         ai["pool"] = {"split": "val", "vqa": 40, "vsr": 10}
-        params = sdc.dumps({"autointerp": ai, "seed": 0, "device": "cpu",
+        # what the examples and describe rules pass (one dict serves both here)
+        params = sdc.dumps({"autointerp": ai, "seed": 0, "device": "cpu", "pad_to_square": cfg["model"]["pad_to_square"],
                             **{k: cfg[k] for k in ("data", "prompts", "question_splits", "model")}})
         env = {**os.environ, "STAGEDIFF_TEST_KEY": KEY}
         cli = [sys.executable, "-m", "stagediff.cli"]
