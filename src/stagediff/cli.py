@@ -354,7 +354,7 @@ def cmd_patching_layer(a) -> None:
 def cmd_ablation_layer(a) -> None:
     import pandas as pd
 
-    from stagediff.data.items import vqa_items, vsr_items, vsr_relations
+    from stagediff.data.items import vqa_items, vsr_items
     from stagediff.io import write_parquet
     from stagediff.patching.ablation import ablation_layer
     from stagediff.sae.finetune import load_sae
@@ -368,11 +368,9 @@ def cmd_ablation_layer(a) -> None:
     model, processor = _world(p)
     vsr_pool = vsr_items(p["data"], ab["pool_split"], p["prompts"])
     vsr_eval = vsr_items(p["data"], ab["split"], p["prompts"])
-    relations = vsr_relations(p["data"], ab["pool_split"]) | vsr_relations(p["data"], ab["split"])
     yes_no = [it for it in vqa_items(p["data"], ab["split"], p["prompts"], p["question_splits"])
               if it.answer_type == "yes/no"][: ab["max_vqa"]]
-    rows = ablation_layer(model, processor, load_sae(a.sae), a.layer, selected, vsr_pool,
-                          vsr_eval, relations, yes_no, ab)
+    rows = ablation_layer(model, processor, load_sae(a.sae), a.layer, selected, vsr_pool, vsr_eval, yes_no, ab)
     write_parquet(rows, a.out)
 
 
@@ -408,7 +406,7 @@ def _visual_setup(p: dict):
     grid = int(model.config.image_seq_length ** 0.5)
     records = object_records(Path(p["data"]["coco"]["root"]) / f"instances_{subtype}.json",
                              Path(p["data"]["vqav2"]["images"]) / subtype, v["n_images"], p["seed"], grid,
-                             p["model"]["pad_to_square"])
+                             processor.pad_to_square)
     log.info("%d objects in %d %s images", len(records), len({r.image_id for r in records}), v["split"])
     return model, processor, records, grid
 

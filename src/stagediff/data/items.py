@@ -25,6 +25,7 @@ class Item:
     family: str  # general | spatial | ocr | vsr
     answer_type: str
     split: str
+    relation: str | None = None  # VSR captions: "left of", "on top of", ...
 
 
 def question_family(question: str, keywords: dict[str, list[str]]) -> str:
@@ -54,12 +55,6 @@ def vsr_items(data: dict, split: str, prompts: dict, n: int | None = None) -> li
     for s in load_vsr(Path(v["root"]) / f"{v['splits'][split]}.jsonl", v["images"])[:n]:
         ans = "true" if s.label else "false"
         out.append(Item(10**9 * (SPLIT_CODES[split] + 1) + s.index, s.image_path,
-                        prompts["vsr"].format(caption=s.caption), ans, (ans,) * 10, "vsr", "yes/no", split))
+                        prompts["vsr"].format(caption=s.caption), ans, (ans,) * 10, "vsr", "yes/no", split,
+                        s.relation))
     return out
-
-
-def vsr_relations(data: dict, split: str) -> dict[int, str]:
-    """Item sample id -> the caption's VSR relation ("left of", "on top of", ...)."""
-    v = data["vsr"]
-    return {10**9 * (SPLIT_CODES[split] + 1) + s.index: s.relation
-            for s in load_vsr(Path(v["root"]) / f"{v['splits'][split]}.jsonl", v["images"])}

@@ -41,12 +41,14 @@ def _head_scores(t: pd.DataFrame, method: str) -> pd.Series:
 def _fig13(scores: pd.DataFrame, out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
     for ax, (m, title) in zip(axes, METHODS.items()):
-        for (layer, feature), t in scores.groupby(["layer", "feature"]):
-            per = t.assign(s=t[m].abs()).groupby("src_layer").s.sum()
-            ax.plot(per.index, per / max(per.sum(), 1e-12), color="grey", lw=0.6, alpha=0.6)
-        agg = scores.assign(s=scores[m].abs()).groupby(["layer", "feature", "src_layer"]).s.sum()
-        agg = (agg / agg.groupby(level=[0, 1]).transform("sum")).groupby(level=2).mean()
-        ax.plot(agg.index, agg, color="tab:red", lw=2, label="mean over features")
+        # each feature's share of |attribution| per source layer, computed once for its line and the mean
+        per = scores.assign(s=scores[m].abs()).groupby(["layer", "feature", "src_layer"]).s.sum()
+        total = per.groupby(level=[0, 1]).transform("sum")
+        share = per / total.clip(lower=1e-12)
+        for _, line in share.groupby(level=[0, 1]):
+            ax.plot(line.index.get_level_values(2), line, color="grey", lw=0.6, alpha=0.6)
+        mean = share.where(total > 0).groupby(level=2).mean()  # features with no attribution left out
+        ax.plot(mean.index, mean, color="tab:red", lw=2, label="mean over features")
         ax.set(title=f"{title}", xlabel="layer")
     axes[0].set_ylabel("share of |attribution|")
     axes[0].legend(fontsize=7)

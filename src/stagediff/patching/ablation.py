@@ -134,7 +134,7 @@ def render(table: pd.DataFrame, top_n: int) -> tuple[str, str]:
 
 
 def ablation_layer(model, processor, sae, layer: int, selected: pd.DataFrame, vsr_pool: list[Item],
-                   vsr_eval: list[Item], relations: dict[int, str], vqa_yes_no: list[Item], cfg: dict) -> pd.DataFrame:
+                   vsr_eval: list[Item], vqa_yes_no: list[Item], cfg: dict) -> pd.DataFrame:
     """Per-seed rows for the layer's downstream features. Relations come from the feature's top
     captions in ``vsr_pool``; the subset is drawn from ``vsr_eval`` (another split), so the
     captions that chose the relation are not the ones scored. A feature selected for both splits
@@ -146,6 +146,7 @@ def ablation_layer(model, processor, sae, layer: int, selected: pd.DataFrame, vs
     pool = pool_activations(model, processor, sae, layer, vsr_pool, [int(f) for f in mine.feature])
     ids = [p["item"].sample_id for p in pool]
     clean_vqa = answer_scores(model, processor, vqa_yes_no, layer, None).accuracy.mean()
+    relations = {it.sample_id: it.relation for it in (*vsr_pool, *vsr_eval)}
     rows = []
     for j, r in enumerate(mine.itertuples()):
         peak = pd.Series([peak_activation(p, j) for p in pool], ids)
