@@ -5,9 +5,10 @@ Both sides run on the same pre-encoded batches of the same model, alternating, i
   cache: stagediff.cache.cache_batch for all layers         (hooks, masks, bf16 view, Zarr appends)
 Prints the median time ratio cache/bare (goal <= 1.15) and forward calls per batch (goal 1).
 
-    python benchmarks/bench_cache.py [--config config/config.yaml] [--images 400] [--repeats 3]
+    python benchmarks/bench_cache.py [--config config/config.yaml] [--images 400] [--repeats 3] [--d-model N]
 
-The model has the toy config's shapes with untrained weights (speed does not depend on them).
+The model has the toy config's shapes with untrained weights (speed does not depend on them);
+``--d-model`` widens the LM, to see how the ratio moves as the forward outweighs the writes.
 """
 from __future__ import annotations
 
@@ -34,9 +35,12 @@ def main() -> None:
     ap.add_argument("--config", default="config/config.yaml")
     ap.add_argument("--images", type=int, default=400)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--d-model", type=int, help="LM width instead of the config's (d_mlp = 4 x d_model)")
     a = ap.parse_args()
     cfg = sdc.load(a.config)
     t = cfg["toy"]
+    if a.d_model:
+        t["base_lm"].update(d_model=a.d_model, d_mlp=4 * a.d_model)
     tmp = Path(tempfile.mkdtemp())
     generate_toy_world(tmp / "data", {**t["data"], "n_images": {"train": a.images, "val": 1, "test": 1}}, 0)
     train_base_lm(tmp / "data" / "corpus.txt", tmp / "lm", {**t["base_lm"], "steps": 1}, 0)
@@ -73,7 +77,8 @@ def main() -> None:
     h = decoder_layers(model)[0].register_forward_hook(lambda *_: calls.append(1))
     cache()
     h.remove()
-    print(f"batches={len(batches)} tokens={n_tok} layers={len(layers)} threads={torch.get_num_threads()}")
+    print(f"batches={len(batches)} tokens={n_tok} layers={len(layers)} d_model={model.config.text_config.hidden_size} "
+          f"threads={torch.get_num_threads()}")
     print(f"bare forward (output_hidden_states): median {statistics.median(tb):.3f}s "
           f"({n_tok / statistics.median(tb):.0f} tok/s)")
     print(f"stagediff cache (all layers, Zarr):  median {statistics.median(tc):.3f}s "
