@@ -9,7 +9,6 @@ fired on the pool with ``status: no_examples``.
 from __future__ import annotations
 
 import functools
-
 import logging
 import random
 from concurrent.futures import ThreadPoolExecutor
