@@ -146,12 +146,12 @@ def ablation_layer(model, processor, sae, layer: int, selected: pd.DataFrame, vs
     pool = pool_activations(model, processor, sae, layer, vsr_pool, [int(f) for f in mine.feature])
     ids = [p["item"].sample_id for p in pool]
     clean_vqa = answer_scores(model, processor, vqa_yes_no, layer, None).accuracy.mean()
-    relations = {it.sample_id: it.relation for it in (*vsr_pool, *vsr_eval)}
+    relations = {it.sample_id: it.relation for it in vsr_pool}
     rows = []
     for j, r in enumerate(mine.itertuples()):
         peak = pd.Series([peak_activation(p, j) for p in pool], ids)
         rels = relations_of_top(peak, relations, cfg["top_vsr"], cfg["n_relations"])
-        subset = [it for it in vsr_eval if relations[it.sample_id] in rels]
+        subset = [it for it in vsr_eval if it.relation in rels]
         if subset:
             rows += ablation_rows(model, processor, sae, layer, int(r.feature), float(r.odds_ratio), subset, rels,
                                   vqa_yes_no, clean_vqa, cfg)
