@@ -94,7 +94,7 @@ def test_coco_captions_name_every_object_with_its_cell(tiny_world):
     for a in inst["annotations"]:
         r, c = a["attributes"]["row"], a["attributes"]["col"]
         name = names[a["category_id"]]
-        phrase = f"The {name} is in row {r} column {c}." if name != "sign" else f"row {r} column {c} says"
+        phrase = f"The {name} {r} {c}." if name != "sign" else f"The sign {r} {c} says"
         assert phrase in by_image[a["image_id"]]
 
 

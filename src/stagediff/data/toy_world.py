@@ -142,13 +142,15 @@ def _generate(root: Path, cfg: dict, seed: int) -> None:
 
 
 def _describe(objs: list[ts.SceneObject]) -> str:
-    """A scene in words, with grid positions: the text-only counterpart of the image.
+    """A scene in words, each object's name followed at once by its grid row and column
+    ("The red circle 1 2."), as grounded captions follow a phrase with its box (Shikra, Kosmos-2).
 
-    The base LM learns to answer questions from such descriptions in context, the way a real
-    LLM can; visual instruction tuning then recruits that skill for image tokens.
+    The base LM reads it as the text-only counterpart of the image. As the VLM's caption, the
+    position comes right after the name, so each digit is one lookup of the named object's patch;
+    with "is in row" between name and digit the toy LM learns the lookup far more slowly.
     """
-    return " ".join(f"The {o.name} is in row {o.row} column {o.col}." if o.kind == "shape"
-                    else f"The sign in row {o.row} column {o.col} says {o.word}." for o in objs)
+    return " ".join(f"The {o.name} {o.row} {o.col}." if o.kind == "shape"
+                    else f"The sign {o.row} {o.col} says {o.word}." for o in objs)
 
 
 def _dump(path: Path, obj) -> None:

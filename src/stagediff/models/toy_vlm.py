@@ -5,8 +5,10 @@ Steps, as LLaVA but with the vision pretraining done here because no toy CLIP ex
    patch's row and column) from the kept COCO boxes. Without it the randomly initialised tower
    gives near-constant patch features and the LM learns to ignore the image.
 2. projector init from data, then feature alignment: only the projector trains (LLaVA stage 1).
-3. visual instruction tuning: everything trains, the LM from the base LM's weights (which is what
-   makes base-vs-adapted SAE diffing meaningful), on VQA, VSR and positional-caption items.
+3. grounding: projector and LM on the grounded captions only ("The red circle 1 2."), so the LM
+   learns to look a named object up among the image tokens before anything asks it to compare two.
+4. visual instruction tuning: everything but the tower trains, the LM from the base LM's weights
+   (which is what makes base-vs-adapted SAE diffing meaningful), on VQA, VSR and caption items.
 """
 from __future__ import annotations
 
@@ -182,31 +184,40 @@ def train_toy_vlm(base_lm: str | Path, data: dict, prompts: dict, keywords: dict
                   cfg: dict, image_size: int, seed: int) -> None:
     seed_everything(seed)
     model, processor = build_vlm(base_lm, cfg, image_size)
-    items = vqa_items(data, "train", prompts, keywords) + vsr_items(data, "train", prompts)
-    if cfg["captions"]:
-        neutral = json.loads(Path(data["neutral_prompts"]).read_text())[0]
-        items += caption_items(data, prompts["neutral"].format(prompt=neutral))
-    encoded = encode_training_items(processor, items)
-    log.info("visual instruction tuning on %d items", len(encoded))
+    neutral = json.loads(Path(data["neutral_prompts"]).read_text())[0]
+    captions = encode_training_items(processor, caption_items(data, prompts["neutral"].format(prompt=neutral)))
+    tasks = encode_training_items(processor, vqa_items(data, "train", prompts, keywords)
+                                  + vsr_items(data, "train", prompts))
+    mix = tasks + captions if cfg["captions"] else tasks
+    log.info("visual instruction tuning on %d items", len(mix))
     gen = torch.Generator().manual_seed(seed)
     pad = processor.tokenizer.pad_token_id
 
-    def batch(step: int) -> dict:
-        idx = torch.randint(len(encoded), (cfg["batch_size"],), generator=gen).tolist()
-        return collate([encoded[i] for i in idx], pad)
+    def sampler(pool: list[dict]):
+        def batch(step: int) -> dict:
+            idx = torch.randint(len(pool), (cfg["batch_size"],), generator=gen).tolist()
+            return collate([pool[i] for i in idx], pad)
+        return batch
 
+    lrs = {"model.language_model": cfg["lm_lr"], "lm_head": cfg["lm_lr"]}
     pixels = pretrain_vision(model, processor, data, cfg, image_size, gen)
     init_projector(model, pixels[: 4 * cfg["batch_size"]])
     # As LLaVA: the vision tower stays frozen after its pretraining (tuning it with the LM on
     # ~1-bit answers erases the object identity it learned); stage 1 trains the projector only.
     for n, p in model.named_parameters():
         p.requires_grad_(n.startswith("model.multi_modal_projector"))
-    train_loop(model, batch, steps=cfg["align_steps"], lr=cfg["lr"], name="toy_vlm feature alignment",
+    train_loop(model, sampler(mix), steps=cfg["align_steps"], lr=cfg["lr"], name="toy_vlm feature alignment",
                loss_fn=item_mean_loss)
     for n, p in model.named_parameters():
         p.requires_grad_(not n.startswith("model.vision_tower"))
-    train_loop(model, batch, steps=cfg["steps"], lr=cfg["lr"], name="toy_vlm instruction tuning",
-               param_lrs={"model.language_model": cfg["lm_lr"], "lm_head": cfg["lm_lr"]}, loss_fn=item_mean_loss)
+    # Stage 1b, grounding: every digit of a grounded caption is one lookup of the named object's
+    # patch. Relations compare two such lookups; mixed in from the start, the yes/no answers give
+    # the LM no gradient towards the lookup and spatial accuracy stays at chance.
+    if cfg["grounding_steps"]:
+        train_loop(model, sampler(captions), steps=cfg["grounding_steps"], lr=cfg["lr"],
+                   name="toy_vlm grounding", param_lrs=lrs, loss_fn=item_mean_loss)
+    train_loop(model, sampler(mix), steps=cfg["steps"], lr=cfg["lr"], name="toy_vlm instruction tuning",
+               param_lrs=lrs, loss_fn=item_mean_loss)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
