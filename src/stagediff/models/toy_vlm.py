@@ -211,8 +211,8 @@ def train_toy_vlm(base_lm: str | Path, data: dict, prompts: dict, keywords: dict
     for n, p in model.named_parameters():
         p.requires_grad_(not n.startswith("model.vision_tower"))
     # Stage 1b, grounding: every digit of a grounded caption is one lookup of the named object's
-    # patch. Relations compare two such lookups; mixed in from the start, the yes/no answers give
-    # the LM no gradient towards the lookup and spatial accuracy stays at chance.
+    # patch, and a relation compares two such lookups. Without this stage the tuned VLM answered
+    # spatial questions at chance (README, "How the toy VLM learned spatial relations").
     if cfg["grounding_steps"]:
         train_loop(model, sampler(captions), steps=cfg["grounding_steps"], lr=cfg["lr"],
                    name="toy_vlm grounding", param_lrs=lrs, loss_fn=item_mean_loss)
