@@ -13,6 +13,7 @@ The model has the toy config's shapes with untrained weights (speed does not dep
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
@@ -42,6 +43,13 @@ def main() -> None:
     if a.d_model:
         t["base_lm"].update(d_model=a.d_model, d_mlp=4 * a.d_model)
     tmp = Path(tempfile.mkdtemp())
+    try:
+        measure(a, cfg, t, tmp)
+    finally:  # each run writes GBs of stores; leave nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure(a, cfg: dict, t: dict, tmp: Path) -> None:
     generate_toy_world(tmp / "data", {**t["data"], "n_images": {"train": a.images, "val": 1, "test": 1}}, 0)
     train_base_lm(tmp / "data" / "corpus.txt", tmp / "lm", {**t["base_lm"], "steps": 1}, 0)
     model, processor = build_vlm(tmp / "lm", t["vlm"], t["data"]["image_size"])
