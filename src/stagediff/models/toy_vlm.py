@@ -184,8 +184,10 @@ def train_toy_vlm(base_lm: str | Path, data: dict, prompts: dict, keywords: dict
                   cfg: dict, image_size: int, seed: int) -> None:
     seed_everything(seed)
     model, processor = build_vlm(base_lm, cfg, image_size)
-    neutral = json.loads(Path(data["neutral_prompts"]).read_text())[0]
-    captions = encode_training_items(processor, caption_items(data, prompts["neutral"].format(prompt=neutral)))
+    captions = []  # encoded only when a stage reads them
+    if cfg["grounding_steps"] or cfg["captions"]:
+        neutral = json.loads(Path(data["neutral_prompts"]).read_text())[0]
+        captions = encode_training_items(processor, caption_items(data, prompts["neutral"].format(prompt=neutral)))
     tasks = encode_training_items(processor, vqa_items(data, "train", prompts, keywords)
                                   + vsr_items(data, "train", prompts))
     mix = tasks + captions if cfg["captions"] else tasks
