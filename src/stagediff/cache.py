@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from zarr.core.group import GroupMetadata
+from zarr.storage import LocalStore, MemoryStore
 
 from stagediff.capture import capture_residuals
 from stagediff.data.items import SPLIT_CODES, Item
@@ -55,24 +57,30 @@ def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).float()
 
 
+def _column_metadata(width: int | None, dtype, chunk_rows: int, shard_rows: int):
+    """Zarr v3 metadata of one column: empty, grown along axis 0 in whole shards, uncompressed."""
+    shape, chunks, shards = (0,), (chunk_rows,), (shard_rows,)
+    if width is not None:
+        shape, chunks, shards = (0, width), (chunk_rows, width), (shard_rows, width)
+    return zarr.create_array(MemoryStore(), shape=shape, dtype=dtype, chunks=chunks, shards=shards,
+                             compressors=None, fill_value=0).metadata
+
+
 class _ShardedColumn:
     """A 1-D or 2-D Zarr array grown by whole shards from a preallocated shard buffer."""
 
-    def __init__(self, group, name: str, width: int | None, dtype, chunk_rows: int, shard_rows: int):
-        shape, chunks, shards = (0,), (chunk_rows,), (shard_rows,)
-        if width is not None:
-            shape, chunks, shards = (0, width), (chunk_rows, width), (shard_rows, width)
-        # write_empty_chunks: skip Zarr's scan for all-fill chunks (activations never are); 2x faster
-        self.array = group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
-                                        compressors=None, fill_value=0, config={"write_empty_chunks": True})
-        self.buf = np.empty((shard_rows, *shape[1:]), dtype=dtype)  # rows are copied once, here
+    def __init__(self, array, shard_rows: int):
+        # write_empty_chunks: skip Zarr's scan for all-fill chunks (activations never are); 2x faster.
+        # A runtime setting, not metadata, so it is set on the opened array.
+        self.array = array.with_config({"write_empty_chunks": True})
+        self.buf = np.empty((shard_rows, *array.shape[1:]), dtype=array.dtype)  # rows are copied once, here
         self.n = 0
 
     def add(self, rows: np.ndarray) -> None:
         i = 0
         while i < len(rows):
             take = min(len(self.buf) - self.n, len(rows) - i)
-            self.buf[self.n : self.n + take] = rows[i : i + take]
+            self.buf[self.n : self.n + take] = rows[i : i + take]  # casts, e.g. int64 positions to int32
             self.n, i = self.n + take, i + take
             if self.n == len(self.buf):
                 self.array.append(self.buf, axis=0)
@@ -87,21 +95,22 @@ class _ShardedColumn:
 class LayerStoreWriter:
     def __init__(self, path: Path, d_model: int, cfg: dict, attrs: dict):
         self.path, self.cfg = path, cfg
-        self.group = zarr.open_group(path, mode="w", zarr_format=3)
-        self.group.attrs.update(attrs)
         chunk, shard = cfg["chunk_rows"], cfg["chunk_rows"] * cfg["chunks_per_shard"]
         storage = "uint16" if cfg["dtype"] == "bfloat16" else cfg["dtype"]
-        self.cols = {}
+        columns = {"acts": _column_metadata(d_model, storage, chunk, shard)}
+        columns.update({name: _column_metadata(None, dt, chunk, shard) for name, dt in META.items()})
+        nodes = {"": GroupMetadata(attributes=attrs)}
         for m in MODALITIES:
-            sub = self.group.create_group(m)
-            self.cols[m] = {"acts": _ShardedColumn(sub, "acts", d_model, storage, chunk, shard)}
-            for name, dt in META.items():
-                self.cols[m][name] = _ShardedColumn(sub, name, None, dt, chunk, shard)
+            nodes[m] = GroupMetadata()
+            nodes.update({f"{m}/{name}": meta for name, meta in columns.items()})
+        # one call writes every node's metadata concurrently: ~10x faster than a create_array per column
+        made = dict(zarr.create_hierarchy(store=LocalStore(path), nodes=nodes))
+        self.cols = {m: {name: _ShardedColumn(made[f"{m}/{name}"], shard) for name in columns} for m in MODALITIES}
 
     def add(self, modality: str, acts: np.ndarray, meta: dict[str, np.ndarray]) -> None:
         self.cols[modality]["acts"].add(acts)
         for name, col in meta.items():
-            self.cols[modality][name].add(col.astype(META[name]))
+            self.cols[modality][name].add(col)
 
     def close(self, summary: dict) -> None:
         for cols in self.cols.values():
