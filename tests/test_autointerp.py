@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from stagediff import config as sdc
+from stagediff.autointerp import offline
 from stagediff.autointerp.describe import describe_layer, scores
 from stagediff.autointerp.examples import feature_examples
 from stagediff.autointerp.llm import LLMClient, Usage
@@ -99,6 +100,19 @@ def test_offline_backend_is_labelled_deterministic_and_scored(tmp_path):
     assert rec["f1"] == 1.0 and rec["balanced_accuracy"] == 1.0 and len(rec["classifications"]) == 10
     assert {c["round"] for c in rec["classifications"]} == {0, 1}
     assert not (tmp_path / "cache").exists()  # offline: no API, nothing cached
+
+
+def test_offline_keywords_name_only_words_the_classifier_can_see(tmp_path):
+    # the feature fires on the chat template's "ASSISTANT:" token, which no prompt contains
+    top = []
+    for i, q in enumerate(["Is the star left of the cross?", "Is the star above the circle?"]):
+        ex = example(tmp_path, i, q, 3.0)
+        ex["tokens"] = ex["tokens"] + ["ASSISTANT:"]
+        ex["activations"] = [0.0] * len(q.split()) + [3.0]
+        top.append(ex)
+    kw = offline.keywords(top, [example(tmp_path, 9, "What color is the circle?", 0.0, "general")])
+    assert kw and "assistant" not in kw and set(kw) <= offline.words(" ".join(e["prompt"] for e in top))
+    assert kw[0] == "star"  # in both top prompts, and not in the contrast prompt
 
 
 def describe_once(srv: LLMServer, tmp_path) -> tuple[dict, Usage]:

@@ -23,13 +23,17 @@ def words(text: str) -> set[str]:
 def keywords(top: list[dict], contrast: list[dict]) -> list[str]:
     """Words carrying the top samples' activation, least common in the contrast prompts.
 
-    A word's weight is the feature's activation summed over the tokens that spell it; a feature
-    that fires on no text token (image-driven) weighs each prompt's words by its peak instead.
+    A word's weight is the feature's activation summed over the prompt tokens that spell it. Only
+    the question's own words count: the chat template's ("user", "assistant") are in every sample
+    and absent from the prompt the classifier reads, so naming them could never score. A feature
+    that fires on none of the question's words (image-driven, or on the template) weighs each
+    prompt's words by its peak instead.
     """
     weight = Counter()
     for ex in top:
+        own = words(ex["prompt"])
         for t, a in zip(ex["tokens"], ex["activations"]):
-            for w in words(t):
+            for w in words(t) & own:
                 weight[w] += a
     if not +weight:
         for ex in top:
