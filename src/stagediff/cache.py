@@ -15,6 +15,7 @@ stage would have to drop anyway.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -57,6 +58,7 @@ def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).float()
 
 
+@functools.lru_cache  # immutable, and the same for every layer store of a job
 def _column_metadata(width: int | None, dtype, chunk_rows: int, shard_rows: int):
     """Zarr v3 metadata of one column: empty, grown along axis 0 in whole shards, uncompressed."""
     shape, chunks, shards = (0,), (chunk_rows,), (shard_rows,)
@@ -94,7 +96,7 @@ class _ShardedColumn:
 
 class LayerStoreWriter:
     def __init__(self, path: Path, d_model: int, cfg: dict, attrs: dict):
-        self.path, self.cfg = path, cfg
+        self.path = path
         chunk, shard = cfg["chunk_rows"], cfg["chunk_rows"] * cfg["chunks_per_shard"]
         storage = "uint16" if cfg["dtype"] == "bfloat16" else cfg["dtype"]
         columns = {"acts": _column_metadata(d_model, storage, chunk, shard)}
@@ -103,7 +105,7 @@ class LayerStoreWriter:
         for m in MODALITIES:
             nodes[m] = GroupMetadata()
             nodes.update({f"{m}/{name}": meta for name, meta in columns.items()})
-        # one call writes every node's metadata concurrently: 4 stores take 0.03 s, not 0.15 s as with a
+        # one call writes every node's metadata concurrently: 4 stores take 0.02-0.03 s, not 0.15 s as with a
         # create_group/create_array per node
         made = dict(zarr.create_hierarchy(store=LocalStore(path), nodes=nodes))
         self.cols = {m: {name: _ShardedColumn(made[f"{m}/{name}"], shard) for name in columns} for m in MODALITIES}
