@@ -6,7 +6,7 @@ import pytest
 import torch
 import zarr
 
-from stagediff.cache import MARKER, ActivationStore, cache_activations, from_storage, to_storage
+from stagediff.cache import MARKER, ActivationStore, LayerStoreWriter, cache_activations, from_storage, to_storage
 from stagediff.capture import capture_residuals
 from stagediff.data.items import vqa_items
 from stagediff.models.vlm import decoder_layers, load_vlm
@@ -120,3 +120,27 @@ def test_incomplete_store_is_refused(tmp_path):
     (tmp_path / "L0.zarr").mkdir()
     with pytest.raises(RuntimeError, match="incomplete"):
         ActivationStore(tmp_path / "L0.zarr")
+
+
+@pytest.mark.parametrize("name, width, dtype", [("acts", 8, "uint16"), ("sample_id", None, "int64"), ("split", None, "int8")])
+def test_shards_are_byte_identical_to_zarrs(tmp_path, name, width, dtype):
+    """The writer's own shard files (full shards, then a last one with an edge chunk and an absent
+    chunk) equal what zarr-python writes for the same rows, file for file, byte for byte."""
+    rows = np.random.default_rng(0).integers(-100, 100, size=(150, width) if width else 150).astype(dtype)
+    cfg = {"dtype": "bfloat16", "chunk_rows": 16, "chunks_per_shard": 4}  # uint16 acts; 64-row shards: 64, 64, 22
+    w = LayerStoreWriter(tmp_path / "ours.zarr", width or 1, cfg, {})
+    col = w.cols["text"][name]
+    for part in np.array_split(rows, 7):  # appended in uneven batches, as the cache does
+        col.add(part)
+    w.close({})  # the other columns stay empty
+    chunks = (16, width) if width else (16,)
+    z = zarr.create_array(tmp_path / "zarr.zarr", shape=rows.shape, dtype=dtype, chunks=chunks,
+                          shards=(64, *chunks[1:]), compressors=None, fill_value=0)
+    z[:] = rows
+    ours, theirs = col.root, tmp_path / "zarr.zarr"
+    files = sorted(str(p.relative_to(theirs)) for p in theirs.rglob("c/**/*") if p.is_file())
+    assert len(files) == 3
+    assert files == sorted(str(p.relative_to(ours)) for p in ours.rglob("c/**/*") if p.is_file())
+    for f in files:
+        assert (ours / f).read_bytes() == (theirs / f).read_bytes(), f
+    np.testing.assert_array_equal(zarr.open_array(ours, mode="r")[:], rows)

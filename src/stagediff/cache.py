@@ -22,6 +22,7 @@ import logging
 import time
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import torch
 import zarr
@@ -38,6 +39,7 @@ MODALITIES = ("text", "image")
 # Token spans a stage may read, by config value (all = both modalities).
 SPANS = {"text": ("text",), "image": ("image",), "all": MODALITIES}
 MARKER = "COMPLETE"
+_EMPTY = 2**64 - 1  # shard index entry of an absent chunk
 META = {"sample_id": np.int64, "position": np.int32, "token_id": np.int32, "split": np.int8}
 
 
@@ -60,7 +62,8 @@ def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
 
 @functools.lru_cache  # immutable, and the same for every layer store of a job
 def _column_metadata(width: int | None, dtype, chunk_rows: int, shard_rows: int):
-    """Zarr v3 metadata of one column: empty, grown along axis 0 in whole shards, uncompressed."""
+    """Zarr v3 metadata of one column: empty, grown along axis 0 in whole shards, uncompressed
+    (the layout ``_ShardedColumn`` writes: little-endian chunks, index at the end with a crc32c)."""
     shape, chunks, shards = (0,), (chunk_rows,), (shard_rows,)
     if width is not None:
         shape, chunks, shards = (0, width), (chunk_rows, width), (shard_rows, width)
@@ -69,14 +72,25 @@ def _column_metadata(width: int | None, dtype, chunk_rows: int, shard_rows: int)
 
 
 class _ShardedColumn:
-    """A 1-D or 2-D Zarr array grown by whole shards from a preallocated shard buffer."""
+    """A 1-D or 2-D Zarr v3 array grown along axis 0 by whole shards, written without Zarr's append.
 
-    def __init__(self, array, shard_rows: int):
-        # write_empty_chunks: skip Zarr's scan for all-fill chunks (activations never are); 2x faster.
-        # A runtime setting, not metadata, so it is set on the opened array.
-        self.array = array.with_config({"write_empty_chunks": True})
-        self.buf = np.empty((shard_rows, *array.shape[1:]), dtype=array.dtype)  # rows are copied once, here
-        self.n = 0
+    Why: ``Array.append`` rewrites zarr.json on every call and copies each shard through three fresh
+    buffers (chunk encode, shard concatenation, store write): 2-3x the cost of the write itself, and
+    a metadata round trip per append on a cluster file system. An uncompressed shard is simply its
+    inner chunks back to back, in row order, which is exactly a C-order block of rows, followed by
+    an index of (offset, nbytes) per chunk and that index's crc32c. So one reused buffer is written
+    as is, and the array's metadata is written once, with its final shape, by the store's ``close``.
+    The bytes equal Zarr's own (tests/test_cache.py::test_shards_are_byte_identical_to_zarrs).
+    """
+
+    def __init__(self, metadata, root: Path):
+        self.metadata, self.root = metadata, root
+        self.chunk_rows = metadata.codecs[0].chunk_shape[0]
+        dtype = metadata.data_type.to_native_dtype().newbyteorder("<")
+        self.buf = np.zeros(metadata.chunk_grid.chunk_shape, dtype=dtype)  # one shard; rows are copied once, here
+        self.n = 0  # rows waiting in buf
+        self.rows = 0  # rows written to shard files
+        self.shards = 0
 
     def add(self, rows: np.ndarray) -> None:
         i = 0
@@ -85,30 +99,42 @@ class _ShardedColumn:
             self.buf[self.n : self.n + take] = rows[i : i + take]  # casts, e.g. int64 positions to int32
             self.n, i = self.n + take, i + take
             if self.n == len(self.buf):
-                self.array.append(self.buf, axis=0)
-                self.n = 0
+                self._write_shard()
 
-    def close(self) -> None:
+    def _write_shard(self) -> None:
+        n_chunks = len(self.buf) // self.chunk_rows
+        used = -(-self.n // self.chunk_rows)  # chunks holding rows; an edge chunk is stored whole,
+        self.buf[self.n : used * self.chunk_rows] = 0  # its rows past the end as the fill value
+        chunk_bytes = self.buf[: self.chunk_rows].nbytes
+        index = np.full((n_chunks, 2), _EMPTY, dtype="<u8")  # chunks past the end: absent
+        index[:used, 0] = np.arange(used) * chunk_bytes
+        index[:used, 1] = chunk_bytes
+        index = index.tobytes()
+        path = self.root / self.metadata.encode_chunk_key((self.shards,) + (0,) * (self.buf.ndim - 1))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(memoryview(self.buf[: used * self.chunk_rows]).cast("B"))
+            f.write(index + np.uint32(google_crc32c.value(index)).astype("<u4").tobytes())
+        self.rows, self.shards, self.n = self.rows + self.n, self.shards + 1, 0
+
+    def close(self):
+        """Write the last, partial shard; return the array's metadata with its final shape."""
         if self.n:
-            self.array.append(self.buf[: self.n], axis=0)
-            self.n = 0
+            self._write_shard()
+        return self.metadata.update_shape((self.rows, *self.buf.shape[1:]))
 
 
 class LayerStoreWriter:
+    """One layer's store: shard files as rows arrive, every node's zarr.json at ``close``."""
+
     def __init__(self, path: Path, d_model: int, cfg: dict, attrs: dict):
-        self.path = path
+        self.path, self.attrs = path, attrs
         chunk, shard = cfg["chunk_rows"], cfg["chunk_rows"] * cfg["chunks_per_shard"]
         storage = "uint16" if cfg["dtype"] == "bfloat16" else cfg["dtype"]
         columns = {"acts": _column_metadata(d_model, storage, chunk, shard)}
         columns.update({name: _column_metadata(None, dt, chunk, shard) for name, dt in META.items()})
-        nodes = {"": GroupMetadata(attributes=attrs)}
-        for m in MODALITIES:
-            nodes[m] = GroupMetadata()
-            nodes.update({f"{m}/{name}": meta for name, meta in columns.items()})
-        # one call writes every node's metadata concurrently: 4 stores take 0.02-0.03 s, not 0.15 s as with a
-        # create_group/create_array per node
-        made = dict(zarr.create_hierarchy(store=LocalStore(path), nodes=nodes))
-        self.cols = {m: {name: _ShardedColumn(made[f"{m}/{name}"], shard) for name in columns} for m in MODALITIES}
+        self.cols = {m: {name: _ShardedColumn(meta, path / m / name) for name, meta in columns.items()}
+                     for m in MODALITIES}
 
     def add(self, modality: str, acts: np.ndarray, meta: dict[str, np.ndarray]) -> None:
         self.cols[modality]["acts"].add(acts)
@@ -116,9 +142,12 @@ class LayerStoreWriter:
             self.cols[modality][name].add(col)
 
     def close(self, summary: dict) -> None:
-        for cols in self.cols.values():
-            for c in cols.values():
-                c.close()
+        nodes = {"": GroupMetadata(attributes=self.attrs)}
+        for m, cols in self.cols.items():
+            nodes[m] = GroupMetadata()
+            nodes.update({f"{m}/{name}": col.close() for name, col in cols.items()})
+        # one call writes every node's metadata concurrently, instead of a round trip per node
+        dict(zarr.create_hierarchy(store=LocalStore(self.path), nodes=nodes))
         (self.path / MARKER).write_text(json.dumps(summary, sort_keys=True))
 
 
@@ -149,16 +178,18 @@ def cache_batch(model, part: list[Item], b: dict, layers: list[int], writers: di
     image_mask, text_mask = token_masks(b, model)
     ids = b["input_ids"]
     b = to_model(b, model)
-    acts = {L: a.cpu() for L, a in capture_residuals(model, b, layers).items()}
+    with torch.inference_mode():  # no autograd bookkeeping at all: 3-4 % off a small model's forward
+        acts = {L: a.cpu() for L, a in capture_residuals(model, b, layers).items()}
     sample_ids = torch.tensor([it.sample_id for it in part])
     splits = torch.tensor([SPLIT_CODES[it.split] for it in part])
     counts = {}
     for m, mask in (("text", text_mask), ("image", image_mask)):
         rows, cols = mask.nonzero(as_tuple=True)
+        flat = rows * mask.shape[1] + cols  # the same tokens in [batch * seq] order
         meta = {"sample_id": sample_ids[rows].numpy(), "position": cols.numpy(),
                 "token_id": ids[rows, cols].numpy(), "split": splits[rows].numpy()}
         for L in layers:
-            x = acts[L][rows, cols]
+            x = acts[L].flatten(0, 1).index_select(0, flat)  # 1.5x faster than acts[L][rows, cols] here
             _check_finite(x, meta["sample_id"], L)
             writers[L].add(m, to_storage(x, dtype), meta)
         counts[m] = len(rows)
