@@ -1,12 +1,19 @@
 """Activation cache: contents equal the HF model's hidden states; one forward per batch."""
+import ctypes
+import errno
 import json
+import mmap
+import os
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
 import torch
 import zarr
 
-from stagediff.cache import MARKER, ActivationStore, LayerStoreWriter, cache_activations, from_storage, to_storage
+from stagediff.cache import (META, MARKER, ActivationStore, LayerStoreWriter, _DropBehind, cache_activations,
+                             from_storage, to_storage)
 from stagediff.capture import capture_residuals
 from stagediff.data.items import vqa_items
 from stagediff.models.vlm import decoder_layers, load_vlm
@@ -103,6 +110,68 @@ def test_bf16_uint16_round_trip_and_shards(world, tmp_path):
     assert store.acts("image").dtype == torch.float32
 
 
+def _shard_files(store, column):
+    return sorted(p.relative_to(store) for p in (store / column).rglob("c/**/*") if p.is_file())
+
+
+def test_layer_stores_share_one_set_of_metadata_files(world, tmp_path):
+    """One job's stores hold the same tokens: their metadata shards are hard links to one set of
+    files (activation shards are not), and a store stays whole when another is deleted."""
+    outs = _run(world, tmp_path, [0, 1])
+    for m in ("text", "image"):
+        for name in META:
+            files = _shard_files(outs[0], f"{m}/{name}")
+            assert files and files == _shard_files(outs[1], f"{m}/{name}")
+            assert all(os.path.samefile(outs[0] / f, outs[1] / f) for f in files)
+        assert not any(os.path.samefile(outs[0] / f, outs[1] / f) for f in _shard_files(outs[0], f"{m}/acts"))
+    before = {name: ActivationStore(outs[1]).meta("image", name) for name in META}
+    shutil.rmtree(outs[0])  # e.g. layer 0 moved to a job of its own and recomputed
+    store = ActivationStore(outs[1])
+    for name, values in before.items():
+        np.testing.assert_array_equal(store.meta("image", name), values)
+    assert store.n_tokens("image") == len(before["sample_id"]) > 0
+
+
+def test_metadata_is_copied_where_hard_links_fail(world, tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "hard links not supported", str(dst))
+
+    monkeypatch.setattr(os, "link", no_links)
+    outs = _run(world, tmp_path, [0, 1])
+    for f in _shard_files(outs[0], "text/token_id"):
+        assert not os.path.samefile(outs[0] / f, outs[1] / f)
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes()
+    for name in META:
+        np.testing.assert_array_equal(ActivationStore(outs[0]).meta("text", name), ActivationStore(outs[1]).meta("text", name))
+
+
+def _resident_pages(path) -> int:
+    """How many of the file's pages are in the page cache (mincore(2) on a mapping of it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = path.stat().st_size
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mm:
+        view = ctypes.c_char.from_buffer(mm)
+        addr = ctypes.addressof(view)
+        del view  # the mapping cannot close while a buffer export is alive
+        vec = (ctypes.c_ubyte * (-(-size // mmap.PAGESIZE)))()
+        if libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore")
+        return sum(v & 1 for v in vec)
+
+
+def test_written_shards_leave_the_page_cache_one_file_behind(tmp_path):
+    fs = subprocess.run(["stat", "-f", "-c", "%T", tmp_path], capture_output=True, text=True).stdout.strip()
+    if fs == "tmpfs":
+        pytest.skip("a tmpfs file lives in the page cache by design; there is nothing to drop")
+    drop, paths = _DropBehind(), [tmp_path / f"shard{i}" for i in range(3)]
+    for p in paths:
+        with open(p, "wb") as f:
+            f.write(os.urandom(64 * mmap.PAGESIZE))
+            drop(f)  # starts its writeback,
+            os.fsync(f.fileno())  # which the writer's next shard gives time to finish: here, waited for
+    assert _resident_pages(paths[0]) == _resident_pages(paths[1]) == 0
+
+
 def test_nan_stops_with_sample_and_layer(world, tmp_path):
     cfg, model, processor, items = world
     blk = decoder_layers(model)[0]
@@ -128,8 +197,8 @@ def test_shards_are_byte_identical_to_zarrs(tmp_path, name, width, dtype):
     chunk) equal what zarr-python writes for the same rows, file for file, byte for byte."""
     rows = np.random.default_rng(0).integers(-100, 100, size=(150, width) if width else 150).astype(dtype)
     cfg = {"dtype": "bfloat16", "chunk_rows": 16, "chunks_per_shard": 4}  # uint16 acts; 64-row shards: 64, 64, 22
-    w = LayerStoreWriter(tmp_path / "ours.zarr", width or 1, cfg, {})
-    col = w.cols["text"][name]
+    w = LayerStoreWriter({0: tmp_path / "ours.zarr"}, width or 1, cfg, {})
+    col = w.acts[0]["text"] if name == "acts" else w.meta["text"][name]
     for part in np.array_split(rows, 7):  # appended in uneven batches, as the cache does
         col.add(part)
     w.close({})  # the other columns stay empty

@@ -70,14 +70,14 @@ def rotate(w: torch.Tensor, cos: float, g: torch.Generator) -> torch.Tensor:
 @pytest.fixture
 def planted(tmp_path):
     g = np.random.default_rng(0)
-    w = LayerStoreWriter(tmp_path / "L0.zarr", D, {"dtype": "float32", "chunk_rows": 64, "chunks_per_shard": 2},
+    w = LayerStoreWriter({0: tmp_path / "L0.zarr"}, D, {"dtype": "float32", "chunk_rows": 64, "chunks_per_shard": 2},
                          {"dtype": "float32"})
     items, images = [], {}
     for qid, fam in enumerate(FAMILIES):
         images[qid] = image_acts(fam, g)
         for m, x in (("image", images[qid]), ("text", question_acts(fam, images[qid], g))):
             n = len(x)
-            w.add(m, to_storage(torch.from_numpy(x), "float32"),
+            w.add(m, {0: to_storage(torch.from_numpy(x), "float32")},
                   {"sample_id": np.full(n, qid), "position": np.arange(n), "token_id": np.zeros(n),
                    "split": np.full(n, SPLIT_CODES["val"])})
         items.append(Item(qid, None, f"question {qid}", "", (), fam, "yes/no", "val"))

@@ -26,7 +26,7 @@ CFG = {"top_k": K, "tokens": 64 * 40, "batch_size": 64, "lr": 1e-3, "lr_layer_sc
 
 def make_store(path, n_text=(300, 60), n_image=(500, 90), offset_image=4.0):
     """A layer store through the real writer; rows encode (modality, split, index) in column 0."""
-    w = LayerStoreWriter(path, D, {"dtype": "float32", "chunk_rows": 32, "chunks_per_shard": 2},
+    w = LayerStoreWriter({0: path}, D, {"dtype": "float32", "chunk_rows": 32, "chunks_per_shard": 2},
                          {"dtype": "float32", "model": "synthetic", "config_hash": "x"})
     g = np.random.default_rng(0)
     for m, counts, off in (("text", n_text, 0.0), ("image", n_image, offset_image)):
@@ -35,7 +35,7 @@ def make_store(path, n_text=(300, 60), n_image=(500, 90), offset_image=4.0):
             x[:, 0] = np.arange(n) + (0 if m == "text" else 10_000) + (0 if split == "train" else 100_000)
             meta = {"sample_id": np.zeros(n), "position": np.zeros(n), "token_id": np.zeros(n),
                     "split": np.full(n, SPLIT_CODES[split])}
-            w.add(m, to_storage(torch.from_numpy(x), "float32"), meta)
+            w.add(m, {0: to_storage(torch.from_numpy(x), "float32")}, meta)
     w.close({})
     return ActivationStore(path)
 

@@ -43,7 +43,7 @@ def test_planted_spatial_feature_is_a_candidate_and_the_decoy_is_not(tmp_path):
     # tokens only (x0 > 0); feature 1 fires on every token (decoy); feature 2 never fires.
     d, n_tok = 3, 6
     families = ["spatial"] * 10 + ["general"] * 30
-    w = LayerStoreWriter(tmp_path / "L0.zarr", d, {"dtype": "float32", "chunk_rows": 16, "chunks_per_shard": 2},
+    w = LayerStoreWriter({0: tmp_path / "L0.zarr"}, d, {"dtype": "float32", "chunk_rows": 16, "chunks_per_shard": 2},
                          {"dtype": "float32"})
     g = np.random.default_rng(0)
     items = []
@@ -53,7 +53,7 @@ def test_planted_spatial_feature_is_a_candidate_and_the_decoy_is_not(tmp_path):
         x[:, 1] = 1.0
         x[:, 2] = -1.0
         for m in ("text", "image"):
-            w.add(m, to_storage(torch.from_numpy(x[:3] if m == "text" else x[3:]), "float32"),
+            w.add(m, {0: to_storage(torch.from_numpy(x[:3] if m == "text" else x[3:]), "float32")},
                   {"sample_id": np.full(3, qid), "position": np.arange(3), "token_id": np.zeros(3),
                    "split": np.full(3, SPLIT_CODES["val"])})
         items.append(Item(qid, None, "", "", (), fam, "yes/no", "val"))

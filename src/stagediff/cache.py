@@ -8,9 +8,11 @@ Layout of ``L<layer>.zarr`` (one store per layer)::
     COMPLETE      JSON marker, written last (a store without it is never read)
 
 Rows are appended in whole shards (the Zarr v3 sharding codec), so a layer's store is a handful
-of files and the single writer never rewrites a shard. Padding and BOS tokens are not cached:
-padding carries no data and BOS is an out-of-distribution massive-norm token that every SAE
-stage would have to drop anyway.
+of files and the single writer never rewrites a shard. The stores of one job hold the same tokens,
+so their metadata columns are one set of files, hard-linked into every store of the job (stores
+are read-only once complete; deleting one leaves the others whole). Padding and BOS tokens are not
+cached: padding carries no data and BOS is an out-of-distribution massive-norm token that every
+SAE stage would have to drop anyway.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import functools
 import hashlib
 import json
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -71,6 +75,34 @@ def _column_metadata(width: int | None, dtype, chunk_rows: int, shard_rows: int)
                              compressors=None, fill_value=0).metadata
 
 
+class _DropBehind:
+    """Evicts the shard files a writer wrote from the page cache, one file behind it.
+
+    Why: the cache is written once and read by later jobs, often on other nodes, and at paper scale
+    it is far larger than RAM, so keeping its pages buys nothing and evicts pages worth keeping (the
+    model's weight files, the images). Dropped one file behind, by when it is written back, the
+    shards stream to disk steadily and new shards reuse the freed pages. On this project's VM, where
+    fresh pages are slow, that halves the writer's time (BENCHMARKS.md). A no-op without fadvise.
+    """
+
+    def __init__(self):
+        self.last: str | None = None
+
+    def __call__(self, f) -> None:
+        """``f``: the shard file just written, still open."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        f.flush()
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # starts its writeback
+        if self.last is not None:
+            fd = os.open(self.last, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # written back by now: its pages are freed
+            finally:
+                os.close(fd)
+        self.last = f.name
+
+
 class _ShardedColumn:
     """A 1-D or 2-D Zarr v3 array grown along axis 0 by whole shards, written without Zarr's append.
 
@@ -83,14 +115,14 @@ class _ShardedColumn:
     The bytes equal Zarr's own (tests/test_cache.py::test_shards_are_byte_identical_to_zarrs).
     """
 
-    def __init__(self, metadata, root: Path):
-        self.metadata, self.root = metadata, root
+    def __init__(self, metadata, root: Path, drop_behind: _DropBehind):
+        self.metadata, self.root, self.drop_behind = metadata, root, drop_behind
         self.chunk_rows = metadata.codecs[0].chunk_shape[0]
         dtype = metadata.data_type.to_native_dtype().newbyteorder("<")
         self.buf = np.zeros(metadata.chunk_grid.chunk_shape, dtype=dtype)  # one shard; rows are copied once, here
         self.n = 0  # rows waiting in buf
         self.rows = 0  # rows written to shard files
-        self.shards = 0
+        self.files: list[Path] = []
 
     def add(self, rows: np.ndarray) -> None:
         i = 0
@@ -110,12 +142,14 @@ class _ShardedColumn:
         index[:used, 0] = np.arange(used) * chunk_bytes
         index[:used, 1] = chunk_bytes
         index = index.tobytes()
-        path = self.root / self.metadata.encode_chunk_key((self.shards,) + (0,) * (self.buf.ndim - 1))
+        path = self.root / self.metadata.encode_chunk_key((len(self.files),) + (0,) * (self.buf.ndim - 1))
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as f:
             f.write(memoryview(self.buf[: used * self.chunk_rows]).cast("B"))
             f.write(index + np.uint32(google_crc32c.value(index)).astype("<u4").tobytes())
-        self.rows, self.shards, self.n = self.rows + self.n, self.shards + 1, 0
+            self.drop_behind(f)
+        self.files.append(path)
+        self.rows, self.n = self.rows + self.n, 0
 
     def close(self):
         """Write the last, partial shard; return the array's metadata with its final shape."""
@@ -125,30 +159,49 @@ class _ShardedColumn:
 
 
 class LayerStoreWriter:
-    """One layer's store: shard files as rows arrive, every node's zarr.json at ``close``."""
+    """The stores of one job, one per layer: activation shards as rows arrive, every node's
+    zarr.json at ``close``. The token metadata is written once, into the first layer's store, and
+    hard-linked into the others at ``close`` (copied where the file system has no hard links)."""
 
-    def __init__(self, path: Path, d_model: int, cfg: dict, attrs: dict):
-        self.path, self.attrs = path, attrs
+    def __init__(self, paths: dict[int, Path], d_model: int, cfg: dict, attrs: dict):
+        self.paths, self.attrs = paths, attrs
         chunk, shard = cfg["chunk_rows"], cfg["chunk_rows"] * cfg["chunks_per_shard"]
-        storage = "uint16" if cfg["dtype"] == "bfloat16" else cfg["dtype"]
-        columns = {"acts": _column_metadata(d_model, storage, chunk, shard)}
-        columns.update({name: _column_metadata(None, dt, chunk, shard) for name, dt in META.items()})
-        self.cols = {m: {name: _ShardedColumn(meta, path / m / name) for name, meta in columns.items()}
-                     for m in MODALITIES}
+        acts = _column_metadata(d_model, "uint16" if cfg["dtype"] == "bfloat16" else cfg["dtype"], chunk, shard)
+        drop = _DropBehind()
+        self.acts = {L: {m: _ShardedColumn(acts, p / m / "acts", drop) for m in MODALITIES} for L, p in paths.items()}
+        self.first = paths[min(paths)]
+        self.meta = {m: {name: _ShardedColumn(_column_metadata(None, dt, chunk, shard), self.first / m / name, drop)
+                         for name, dt in META.items()} for m in MODALITIES}
 
-    def add(self, modality: str, acts: np.ndarray, meta: dict[str, np.ndarray]) -> None:
-        self.cols[modality]["acts"].add(acts)
+    def add(self, modality: str, acts: dict[int, np.ndarray], meta: dict[str, np.ndarray]) -> None:
+        """One batch's rows of one modality: ``acts`` per layer, ``meta`` shared by all layers."""
+        for L, rows in acts.items():
+            self.acts[L][modality].add(rows)
         for name, col in meta.items():
-            self.cols[modality][name].add(col)
+            self.meta[modality][name].add(col)
 
     def close(self, summary: dict) -> None:
-        nodes = {"": GroupMetadata(attributes=self.attrs)}
-        for m, cols in self.cols.items():
-            nodes[m] = GroupMetadata()
-            nodes.update({f"{m}/{name}": col.close() for name, col in cols.items()})
-        # one call writes every node's metadata concurrently, instead of a round trip per node
-        dict(zarr.create_hierarchy(store=LocalStore(self.path), nodes=nodes))
-        (self.path / MARKER).write_text(json.dumps(summary, sort_keys=True))
+        meta = {f"{m}/{name}": col.close() for m, cols in self.meta.items() for name, col in cols.items()}
+        files = [f for cols in self.meta.values() for col in cols.values() for f in col.files]
+        for L, path in self.paths.items():
+            if path != self.first:
+                for f in files:
+                    _link(f, path / f.relative_to(self.first))
+            nodes = {"": GroupMetadata(attributes={**self.attrs, "layer": L}), **meta}
+            nodes.update({m: GroupMetadata() for m in MODALITIES})
+            nodes.update({f"{m}/acts": col.close() for m, col in self.acts[L].items()})
+            # one call writes every node's metadata concurrently, instead of a round trip per node
+            dict(zarr.create_hierarchy(store=LocalStore(path), nodes=nodes))
+            (path / MARKER).write_text(json.dumps(summary, sort_keys=True))
+
+
+def _link(src: Path, dst: Path) -> None:
+    """A hard link: the same bytes without a new inode (cluster quotas count inodes); else a copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:  # e.g. a file system without hard links
+        shutil.copyfile(src, dst)
 
 
 def cache_activations(model, processor, items: list[Item], layers: list[int], outputs: dict[int, Path],
@@ -157,43 +210,43 @@ def cache_activations(model, processor, items: list[Item], layers: list[int], ou
     d_model = model.config.text_config.hidden_size
     with contextlib.ExitStack() as stack:  # all layer stores appear together, or none does
         tmps = {L: stack.enter_context(atomic_dir(p)) for L, p in outputs.items()}
-        writers = {L: LayerStoreWriter(tmps[L], d_model, cfg, {**attrs, "layer": L}) for L in layers}
+        writer = LayerStoreWriter(tmps, d_model, cfg, attrs)
         counts = {m: 0 for m in MODALITIES}
         t0, done = time.time(), 0
         n_batches = (len(items) + cfg["batch_size"] - 1) // cfg["batch_size"]
         for bi, (part, b) in enumerate(iter_batches(processor, items, cfg["batch_size"])):
-            for m, n in cache_batch(model, part, b, layers, writers, cfg["dtype"]).items():
+            for m, n in cache_batch(model, part, b, layers, writer, cfg["dtype"]).items():
                 counts[m] += n
             done += len(part)
             if bi % max(1, n_batches // 10) == 0 or bi == n_batches - 1:
                 dt = time.time() - t0
                 log.info("cache: %d/%d samples, %.0f tokens/s, ETA %.0fs", done, len(items),
                          (counts["text"] + counts["image"]) / max(dt, 1e-9), dt / done * (len(items) - done))
-        for L, w in writers.items():
-            w.close({"n_text": counts["text"], "n_image": counts["image"], "n_samples": len(items)})
+        writer.close({"n_text": counts["text"], "n_image": counts["image"], "n_samples": len(items)})
 
 
-def cache_batch(model, part: list[Item], b: dict, layers: list[int], writers: dict, dtype: str) -> dict[str, int]:
+def cache_batch(model, part: list[Item], b: dict, layers: list[int], writer: LayerStoreWriter,
+                dtype: str) -> dict[str, int]:
     """One forward for one batch; append every owned layer's text and image rows."""
     image_mask, text_mask = token_masks(b, model)
     ids = b["input_ids"]
-    b = to_model(b, model)
     with torch.inference_mode():  # no autograd bookkeeping at all: 3-4 % off a small model's forward
-        acts = {L: a.cpu() for L, a in capture_residuals(model, b, layers).items()}
-    sample_ids = torch.tensor([it.sample_id for it in part])
-    splits = torch.tensor([SPLIT_CODES[it.split] for it in part])
-    counts = {}
-    for m, mask in (("text", text_mask), ("image", image_mask)):
-        rows, cols = mask.nonzero(as_tuple=True)
-        flat = rows * mask.shape[1] + cols  # the same tokens in [batch * seq] order
-        meta = {"sample_id": sample_ids[rows].numpy(), "position": cols.numpy(),
-                "token_id": ids[rows, cols].numpy(), "split": splits[rows].numpy()}
-        for L in layers:
-            x = acts[L].flatten(0, 1).index_select(0, flat)  # 1.5x faster than acts[L][rows, cols] here
-            _check_finite(x, meta["sample_id"], L)
-            writers[L].add(m, to_storage(x, dtype), meta)
-        counts[m] = len(rows)
-    return counts
+        acts = {L: a.cpu() for L, a in capture_residuals(model, to_model(b, model), layers).items()}
+    # the cached tokens, text ones first: one gather, check and cast per layer serves both modalities
+    text, image = text_mask.nonzero(as_tuple=True), image_mask.nonzero(as_tuple=True)
+    rows, cols = torch.cat([text[0], image[0]]), torch.cat([text[1], image[1]])
+    flat = rows * ids.shape[1] + cols  # the same tokens in [batch * seq] order
+    meta = {"sample_id": np.array([it.sample_id for it in part])[rows], "position": cols.numpy(),
+            "token_id": ids[rows, cols].numpy(), "split": np.array([SPLIT_CODES[it.split] for it in part])[rows]}
+    stored = {}
+    for L in layers:
+        x = acts[L].flatten(0, 1).index_select(0, flat)  # 1.5x faster than acts[L][rows, cols] here
+        _check_finite(x, meta["sample_id"], L)
+        stored[L] = to_storage(x, dtype)
+    n_text = len(text[0])
+    for m, span in (("text", slice(0, n_text)), ("image", slice(n_text, None))):
+        writer.add(m, {L: a[span] for L, a in stored.items()}, {k: v[span] for k, v in meta.items()})
+    return {"text": n_text, "image": len(rows) - n_text}
 
 
 def _check_finite(x: torch.Tensor, sample_ids: np.ndarray, layer: int) -> None:

@@ -4,8 +4,9 @@ Job counts come from Snakemake itself: a dry run of the real workflow on empty s
 every file the config names (so it works before anything is downloaded). Disk and compute come
 from the model's shapes, read from its config.json files (a few KB; fetch those first):
 
-* cache: per layer, tokens x d_model x bytes of the cache dtype, plus 16 B of per-token
-  metadata (sample id, position, token id, split), for all tokens and for text tokens only;
+* cache: per layer, tokens x d_model x bytes of the cache dtype, plus 17 B of per-token
+  metadata (sample id, position, token id, split; on disk once per layer group, whose stores
+  share it by hard links), for all tokens and for text tokens only;
 * FLOPs: 2 x parameters per token for a forward (6 x for training), the LM up to the deepest
   cached layer; GPU-hours = FLOPs / (peak x utilisation). Stages whose work depends on which
   features get selected (neutral filter, patching, ablation) are counted as jobs only.
