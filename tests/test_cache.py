@@ -96,6 +96,11 @@ def test_one_forward_per_batch_for_many_layers_and_early_stop(world, tmp_path):
     assert 2 not in calls  # the forward stopped after the deepest owned layer
 
 
+def _shard_files(array):
+    """An array's shard files (not its zarr.json), relative to the array."""
+    return sorted(p.relative_to(array) for p in array.rglob("c/**/*") if p.is_file())
+
+
 def test_bf16_uint16_round_trip_and_shards(world, tmp_path):
     x = torch.randn(100, 8)
     assert torch.equal(from_storage(to_storage(x, "bfloat16"), "bfloat16"), x.to(torch.bfloat16).float())
@@ -105,13 +110,8 @@ def test_bf16_uint16_round_trip_and_shards(world, tmp_path):
     assert g["text"]["acts"].shards == (32, g["text"]["acts"].shape[1])
     store = ActivationStore(outs[1])
     n = g["text"]["acts"].shape[0]
-    shard_files = [p for p in (outs[1] / "text" / "acts").rglob("*") if p.is_file() and p.name != "zarr.json"]
-    assert len(shard_files) == -(-n // 32) < -(-n // 16)  # one file per shard, not per chunk
+    assert len(_shard_files(outs[1] / "text" / "acts")) == -(-n // 32) < -(-n // 16)  # one file per shard, not per chunk
     assert store.acts("image").dtype == torch.float32
-
-
-def _shard_files(store, column):
-    return sorted(p.relative_to(store) for p in (store / column).rglob("c/**/*") if p.is_file())
 
 
 def test_layer_stores_share_one_set_of_metadata_files(world, tmp_path):
@@ -120,10 +120,12 @@ def test_layer_stores_share_one_set_of_metadata_files(world, tmp_path):
     outs = _run(world, tmp_path, [0, 1])
     for m in ("text", "image"):
         for name in META:
-            files = _shard_files(outs[0], f"{m}/{name}")
-            assert files and files == _shard_files(outs[1], f"{m}/{name}")
-            assert all(os.path.samefile(outs[0] / f, outs[1] / f) for f in files)
-        assert not any(os.path.samefile(outs[0] / f, outs[1] / f) for f in _shard_files(outs[0], f"{m}/acts"))
+            a, b = outs[0] / m / name, outs[1] / m / name
+            files = _shard_files(a)
+            assert files and files == _shard_files(b)
+            assert all(os.path.samefile(a / f, b / f) for f in files)
+        a, b = outs[0] / m / "acts", outs[1] / m / "acts"
+        assert not any(os.path.samefile(a / f, b / f) for f in _shard_files(a))
     before = {name: ActivationStore(outs[1]).meta("image", name) for name in META}
     shutil.rmtree(outs[0])  # e.g. layer 0 moved to a job of its own and recomputed
     store = ActivationStore(outs[1])
@@ -138,9 +140,10 @@ def test_metadata_is_copied_where_hard_links_fail(world, tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "link", no_links)
     outs = _run(world, tmp_path, [0, 1])
-    for f in _shard_files(outs[0], "text/token_id"):
-        assert not os.path.samefile(outs[0] / f, outs[1] / f)
-        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes()
+    a, b = outs[0] / "text" / "token_id", outs[1] / "text" / "token_id"
+    for f in _shard_files(a):
+        assert not os.path.samefile(a / f, b / f)
+        assert (a / f).read_bytes() == (b / f).read_bytes()
     for name in META:
         np.testing.assert_array_equal(ActivationStore(outs[0]).meta("text", name), ActivationStore(outs[1]).meta("text", name))
 
@@ -207,9 +210,9 @@ def test_shards_are_byte_identical_to_zarrs(tmp_path, name, width, dtype):
                           shards=(64, *chunks[1:]), compressors=None, fill_value=0)
     z[:] = rows
     ours, theirs = col.root, tmp_path / "zarr.zarr"
-    files = sorted(str(p.relative_to(theirs)) for p in theirs.rglob("c/**/*") if p.is_file())
+    files = _shard_files(theirs)
     assert len(files) == 3
-    assert files == sorted(str(p.relative_to(ours)) for p in ours.rglob("c/**/*") if p.is_file())
+    assert files == _shard_files(ours)
     for f in files:
         assert (ours / f).read_bytes() == (theirs / f).read_bytes(), f
     np.testing.assert_array_equal(zarr.open_array(ours, mode="r")[:], rows)

@@ -236,8 +236,9 @@ def cache_batch(model, part: list[Item], b: dict, layers: list[int], writer: Lay
     text, image = text_mask.nonzero(as_tuple=True), image_mask.nonzero(as_tuple=True)
     rows, cols = torch.cat([text[0], image[0]]), torch.cat([text[1], image[1]])
     flat = rows * ids.shape[1] + cols  # the same tokens in [batch * seq] order
-    meta = {"sample_id": np.array([it.sample_id for it in part])[rows], "position": cols.numpy(),
-            "token_id": ids[rows, cols].numpy(), "split": np.array([SPLIT_CODES[it.split] for it in part])[rows]}
+    r = rows.numpy()
+    meta = {"sample_id": np.array([it.sample_id for it in part])[r], "position": cols.numpy(),
+            "token_id": ids[rows, cols].numpy(), "split": np.array([SPLIT_CODES[it.split] for it in part])[r]}
     stored = {}
     for L in layers:
         x = acts[L].flatten(0, 1).index_select(0, flat)  # 1.5x faster than acts[L][rows, cols] here
