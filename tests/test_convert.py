@@ -12,8 +12,9 @@ from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfi
                           LlamaForCausalLM, PreTrainedTokenizerFast)
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from stagediff.models.convert import LLAMA31_TEMPLATE, convert_llava
+from stagediff.models.convert import convert_llava
 from stagediff.models.vlm import CLIP_FILL, chat_prompt, encode_batch, expand_to_square, load_vlm, model_view
+from tests.paper_mini import LLAMA31_CHAT_TEMPLATE
 
 SPECIAL = ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>",
            "<|finetune_right_pad_id|>", "<unk>"]
@@ -29,7 +30,7 @@ def _original_checkpoint(root):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
                                         eos_token="<|eot_id|>", unk_token="<unk>")
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL[1:4]})
-    tokenizer.chat_template = LLAMA31_TEMPLATE
+    tokenizer.chat_template = LLAMA31_CHAT_TEMPLATE
     llama_cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=1,
                             rope_theta=500000.0, tie_word_embeddings=False)
@@ -83,7 +84,8 @@ def test_converted_llava_more_gives_the_original_logits(tmp_path):
     question = "<image> what is left of the red square ?"
     b = encode_batch(processor, [image], [chat_prompt(processor, question)])
     got = model(**b).logits[..., : lm.config.vocab_size]
-    want = _llava_reference(lm, vision, projector, tokenizer, CLIPImageProcessorPil.from_pretrained(tower),
+    # the same conversation (LLaVA-MORE's system turn included) through LLaVA's recipe
+    want = _llava_reference(lm, vision, projector, processor.tokenizer, CLIPImageProcessorPil.from_pretrained(tower),
                             image, question)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -102,8 +104,8 @@ def test_unpadded_preprocessing_is_a_different_model_input(tmp_path):
     b = encode_batch(processor, [image], [chat_prompt(processor, "<image> describe image")])
     with torch.no_grad():
         got = model(**b).logits[..., : lm.config.vocab_size]
-        want = _llava_reference(lm, vision, projector, tokenizer, CLIPImageProcessorPil.from_pretrained(tower),
-                                image, "<image> describe image")
+        want = _llava_reference(lm, vision, projector, processor.tokenizer,
+                                CLIPImageProcessorPil.from_pretrained(tower), image, "<image> describe image")
     assert not torch.allclose(got, want, atol=1e-4)
 
 

@@ -25,7 +25,7 @@ def _write_sae(sae, folder, fires):
 def test_planted_rotation_and_never_fired_feature(tmp_path):
     store = make_store(tmp_path / "L0.zarr")
     base = TopKSAE.random_init(D, D_SAE, K, scale=math.sqrt(D) / 6.0, generator=torch.Generator().manual_seed(0))
-    save_llama_scope(base, tmp_path / "base", layer=0, lm_config={})
+    save_llama_scope(base, tmp_path / "base", layer=0, lm_config={}, threshold=0.0)
     text = TopKSAE(D, D_SAE, K, float(base.scale))
     text.load_state_dict(base.state_dict())
     with torch.no_grad():  # feature 3: decoder rotated to an orthogonal direction, same norm

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stagediff.sae.llama_scope import WEIGHTS, load_llama_scope, save_llama_scope
+from stagediff.sae.llama_scope import WEIGHTS, jump_relu_threshold, load_llama_scope, save_llama_scope
 from stagediff.sae.topk import TopKSAE
 
 
@@ -16,11 +16,12 @@ def test_round_trip_layout_and_encodings(tmp_path):
     with torch.no_grad():
         sae.b_enc.normal_(generator=g)
         sae.b_dec.normal_(generator=g)
-    save_llama_scope(sae, tmp_path, layer=5, lm_config={"hidden_size": 16})
+    save_llama_scope(sae, tmp_path, layer=5, lm_config={"hidden_size": 16}, threshold=0.25)
     hp = json.loads((tmp_path / "hyperparams.json").read_text())
     assert hp["d_model"] == 16 and hp["d_sae"] == 64 and hp["top_k"] == 4
     assert hp["dataset_average_activation_norm"] == {"in": pytest.approx(3.0), "out": pytest.approx(3.0)}
     assert hp["sparsity_include_decoder_norm"] is True
+    assert hp["act_fn"] == "jumprelu" and hp["jump_relu_threshold"] == 0.25  # as the post-processed release
     assert hp["hook_point_in"] == "blocks.5.hook_resid_post"
     w = load_file(tmp_path / WEIGHTS)
     assert w["encoder.weight"].shape == (64, 16) and w["decoder.weight"].shape == (16, 64)
@@ -65,4 +66,46 @@ def test_input_scaling_and_output_back_to_residual_scale():
 def test_missing_file_is_named(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="hyperparams.json"):
+        load_llama_scope(tmp_path)
+
+
+def test_threshold_is_the_post_processing_quantile():
+    """(tokens·k)-th largest n_i·relu(pre_i)/s: on these x exactly tokens·k activations pass it."""
+    g = torch.Generator().manual_seed(1)
+    sae = TopKSAE.random_init(8, 32, 3, scale=2.0, generator=g)
+    x = torch.randn(50, 8, generator=g)
+    theta = jump_relu_threshold(sae, x)
+    acts = ((x * 2.0) @ sae.W_enc.T + sae.b_enc).relu() * sae.W_dec.norm(dim=1) / 2.0
+    assert int((acts >= theta).sum()) == 50 * 3
+
+
+def test_release_files_read_by_saelens_own_llama_scope_loader(tmp_path, monkeypatch):
+    """The toy world's Llama Scope folders (stagediff's writer) and the paper-mini's release-style
+    folders both load through SAELens' Llama Scope loader, hub downloads pointed at the folder."""
+    from sae_lens.loading import pretrained_sae_loaders as pl
+
+    from tests.paper_mini import llama_scope_folder
+
+    g = torch.Generator().manual_seed(0)
+    sae = TopKSAE.random_init(16, 64, 4, scale=1.5, generator=g)
+    save_llama_scope(sae, tmp_path / "toy" / "L5R-8x", layer=5, lm_config={}, threshold=0.25)
+    llama_scope_folder(tmp_path / "real" / "Llama3_1-8B-Base-L1R-8x", 1, 16, seed=0)
+    monkeypatch.setattr(pl, "hf_hub_download", lambda repo_id, filename, subfolder=None, **_: str(
+        tmp_path / repo_id / (subfolder or "") / filename))
+    for repo, folder, threshold in [("toy", "L5R-8x", 0.25), ("real", "Llama3_1-8B-Base-L1R-8x", 0.35546875)]:
+        cfg, state, _ = pl.llama_scope_sae_huggingface_loader(repo, folder)
+        hp = json.loads((tmp_path / repo / folder / "hyperparams.json").read_text())
+        s = math.sqrt(hp["d_model"]) / hp["dataset_average_activation_norm"]["in"]
+        assert cfg["jump_relu_threshold"] == pytest.approx(threshold * s)
+        assert state["W_enc"].shape == (hp["d_model"], hp["d_sae"])
+        back = load_llama_scope(tmp_path / repo / folder, k=50 if repo == "real" else None)
+        assert back.k == (50 if repo == "real" else 4)
+
+
+def test_unknown_act_fn_is_refused_by_name(tmp_path):
+    sae = TopKSAE.random_init(8, 16, 2)
+    save_llama_scope(sae, tmp_path, layer=0, lm_config={}, threshold=0.1)
+    hp = json.loads((tmp_path / "hyperparams.json").read_text())
+    (tmp_path / "hyperparams.json").write_text(json.dumps({**hp, "act_fn": "relu"}))
+    with pytest.raises(ValueError, match="hyperparams.json: unsupported act_fn 'relu'"):
         load_llama_scope(tmp_path)

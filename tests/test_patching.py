@@ -111,3 +111,28 @@ def test_ablation_tables_average_seeds_and_render():
     assert t.delta_ctrl.tolist() == [0.0, 0.5] and np.isclose(t.delta_vsr_acc_sd[0], np.std([-10, -6], ddof=1))
     md, tex = render(t, top_n=1)
     assert "| 3 | 7 | -8.00 | -0.50 | 0.00 | 4.00 | left of |" in md and "ΔVSR Prob" in tex
+
+
+def test_attribution_and_ablation_run_on_a_bfloat16_model(tiny_world):
+    """The paper world's dtype: bf16 residuals meet the fp32 unit direction (J, Method A/B in
+    float32); the ablated residual keeps no component along v beyond bf16 rounding."""
+    cfg = tiny_world
+    model, processor = load_vlm(cfg["model"]["vlm"], dtype="bfloat16")
+    items = vqa_items(cfg["data"], "val", cfg["prompts"], cfg["question_splits"])
+    (_, batch), = iter_batches(processor, items[:4], 4)
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    mean = mean_visual_embedding(model, processor, items[:8], per_position=False)
+    d = model.config.text_config.hidden_size
+    v = torch.randn(d, generator=torch.Generator().manual_seed(0))
+    v = v / v.norm()
+    out = attribution(model, batch, LAYER, v, mean, "text")
+    assert out["j_clean"].dtype == torch.float32 and torch.isfinite(out["j_clean"]).all()
+    scores = torch.cat([s.flatten() for s in out["method_a"].values()])
+    assert scores.dtype == torch.float32 and torch.isfinite(scores).all() and scores.abs().sum() > 0
+    _, text = token_masks(batch, model)
+    with torch.no_grad(), ablate_direction(model, LAYER, v, text), residual_hooks(model, [LAYER]) as ablated:
+        forward(model, batch)
+    z = ablated[LAYER]
+    assert z.dtype == torch.bfloat16
+    norm = z[text].float().norm(dim=-1)
+    assert ((z[text].float() @ v).abs() <= 1e-2 * norm).all()

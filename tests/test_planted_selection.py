@@ -87,7 +87,7 @@ def planted(tmp_path):
     with torch.no_grad():
         base.W_enc.copy_(torch.eye(D))
         base.W_dec.copy_(torch.eye(D))
-    save_llama_scope(base, tmp_path / "base", layer=0, lm_config={})
+    save_llama_scope(base, tmp_path / "base", layer=0, lm_config={}, threshold=0.0)
     adapted = TopKSAE(D, D, k=D)
     adapted.load_state_dict(base.state_dict())
     gen = torch.Generator().manual_seed(0)

@@ -20,7 +20,7 @@ def _release_fixture(tmp_path, d=8, d_sae=32, k=4, avg_norm=5.0):
         sae.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.1)
         sae.W_dec.copy_(torch.randn(d_sae, d, generator=g) * torch.rand(d_sae, 1, generator=g) * 3)
         sae.b_dec.copy_(torch.randn(d, generator=g))
-    save_llama_scope(sae, tmp_path, layer=3, lm_config={})
+    save_llama_scope(sae, tmp_path, layer=3, lm_config={}, threshold=0.0)
     return tmp_path
 
 

@@ -44,7 +44,7 @@ def make_store(path, n_text=(300, 60), n_image=(500, 90), offset_image=4.0):
 def world(tmp_path):
     store = make_store(tmp_path / "L0.zarr")
     base = TopKSAE.random_init(D, D_SAE, K, scale=math.sqrt(D) / 6.0, generator=torch.Generator().manual_seed(0))
-    save_llama_scope(base, tmp_path / "base", layer=0, lm_config={})
+    save_llama_scope(base, tmp_path / "base", layer=0, lm_config={}, threshold=0.0)
     return tmp_path, store
 
 

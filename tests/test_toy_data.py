@@ -1,13 +1,16 @@
 """Toy-world generator: determinism and fidelity to the VQAv2 / VSR / COCO release formats."""
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 
 from stagediff.data import toy_scenes as ts
 from stagediff.data.items import question_family, vqa_items, vsr_items
 from stagediff.data.toy_world import generate_toy_world
-from stagediff.data.vqav2 import load_vqav2, vqa_accuracy
+from stagediff.data.vqa_eval import vqa_accuracy
+from stagediff.data.vqav2 import load_vqav2
 from stagediff.data.vsr import load_vsr
 from tests.conftest import tiny_config
 
@@ -120,6 +123,18 @@ def test_question_family_keywords():
     ("yes", ["yes"] * 2 + ["no"] * 8, 0.6),     # 8 subsets see 2 -> 2/3, 2 see 1 -> 1/3: (16/3+2/3)/10
     ("no", ["yes"] * 10, 0.0),
     ("2", ["2"] * 4 + ["3"] * 6, 1.0),
+    # the official normalisation (GT-Vision-Lab/VQA vqaEval.py), worked by hand from its rules:
+    ("two", ["2"] * 9 + ["3"], 1.0),            # number words become digits on the prediction side
+    ("a dog", ["dog"] * 10, 1.0),               # articles dropped
+    ("dog.", ["dog"] * 10, 1.0),                # a period not before a digit is deleted
+    ("Yes", ["yes"] * 10, 1.0),                 # the prediction is lower-cased
+    ("dont", ["don\u2019t"] * 10, 1.0),         # contractions restored (with the official curly quote)
+    ("1,000", ["1000"] * 10, 1.0),              # digit,digit: punctuation deleted, not spaced
+    ("2.5", ["2.5"] * 10, 1.0),                 # a decimal point stays
+    ("yes", ["Yes"] * 10, 0.0),                 # identical ground truths are left as they are
+    ("2", ["two"] * 8 + ["2"] * 2, 0.6),        # ...and differing ones only lose punctuation
+    ("red", ["red,"] * 8 + ["red"] * 2, 0.6),   # "red," becomes "red " (spaced, not stripped): 2 matches
+    ("left side", ["left"] * 10, 0.0),
 ])
 def test_vqa_accuracy_official_formula(pred, answers, expected):
     assert vqa_accuracy(pred, answers) == pytest.approx(expected)
@@ -137,3 +152,43 @@ def test_patch_labels_name_the_object_or_sign_word_under_each_patch(tmp_path):
     exit_cls = len(cats) + 1 + list(ts.GLYPHS).index("exit")
     assert labels[7].view(3, 3).tolist() == [[1, 0, 0], [0, 0, exit_cls], [0, 0, 0]]
     assert n_cls == len(cats) + 1 + len(ts.GLYPHS)
+
+
+@pytest.mark.parametrize("question,family", [
+    ("What color is the stop sign?", "general"),        # a sign is named, nothing is read
+    ("What kind of sign is this?", "general"),
+    ("What does the sign say?", "ocr"),
+    ("What is written on the side of the bus?", "ocr"),
+    ("What number is on the train?", "ocr"),
+    ("What brand is the laptop?", "ocr"),
+    ("What is on the sign?", "ocr"),
+    ("Is the dog to the left of the car?", "spatial"),
+    ("What is next to the traffic light?", "spatial"),
+])
+def test_paper_keyword_lists_on_real_style_questions(question, family):
+    """The paper config's lists, on VQAv2-style questions: colour questions about signs stay general."""
+    kw = yaml.safe_load((Path(__file__).parents[1] / "config" / "llava_more.yaml").read_text())["question_splits"]
+    assert question_family(question, kw) == family
+
+
+def test_val_and_test_sharing_val2014_get_disjoint_images(tmp_path):
+    """The paper config's val and test both read val2014: whole images go to one of them."""
+    from tests.paper_mini import coco_vqav2
+
+    coco_vqav2(tmp_path, "val2014", 20, seed=0, first_id=1000)
+    data = {"vqav2": {"root": str(tmp_path / "vqav2"), "images": str(tmp_path / "coco"),
+                      "image_pattern": "COCO_{subtype}_{image_id:012d}.jpg",
+                      "subtypes": {"train": "train2014", "val": "val2014", "test": "val2014"},
+                      "split_images": {"val": 0.5, "test": 0.5}, "split_seed": 0}}
+    prompts, kw = {"vqa": "<image>\n{question}"}, {"spatial": ["left"], "ocr": ["written"]}
+    val, test = (vqa_items(data, s, prompts, kw) for s in ("val", "test"))
+    val_images, test_images = {it.image_path for it in val}, {it.image_path for it in test}
+    assert len(val_images) == len(test_images) == 10 and not val_images & test_images
+    assert [it.sample_id for it in vqa_items(data, "val", prompts, kw)] == [it.sample_id for it in val]  # seeded
+
+
+def test_a_config_that_reuses_a_subtype_without_split_images_is_refused():
+    from stagediff.config import ConfigError, _check_shared_subtypes
+
+    with pytest.raises(ConfigError, match="data.vqav2.split_images"):
+        _check_shared_subtypes({"subtypes": {"train": "train2014", "val": "val2014", "test": "val2014"}}, "cfg")

@@ -97,3 +97,61 @@ def test_integrated_gradients_are_complete(world):
             base = model(**one, use_cache=False).logits[0, last_positions(one)[0], 7]
     assert ig.shape == (1, (batch["input_ids"][0] == model.config.image_token_id).sum())
     assert float(ig.sum()) == pytest.approx(float(real - base), rel=2e-2, abs=1e-6)
+
+
+NEO = {"n_images": 10, "object_area": [1000, 2000], "max_objects": 3, "exclude_categories": []}
+
+
+def test_object_records_choose_images_as_neo_et_al(tmp_path):
+    """§3 (1): a 1,000-2,000 px² object, the only one of its category, in an image of < 4 objects;
+    the image's curated question (their clean_questions.json) is answered by the class word."""
+    import json
+
+    from stagediff.visual.experiments import object_records
+
+    def ann(i, image, cat, side):
+        return {"id": i, "image_id": image, "category_id": cat, "bbox": [0, 0, side, side], "area": side * side,
+                "iscrowd": 0}
+
+    doc = {"images": [{"id": i, "file_name": f"{i}.jpg", "width": 160, "height": 120} for i in range(1, 6)],
+           "categories": [{"id": 13, "name": "stop sign"}, {"id": 18, "name": "dog"}, {"id": 1, "name": "person"}],
+           "annotations": [ann(1, 1, 13, 40), ann(2, 1, 1, 10),                      # ok: the stop sign
+                           ann(3, 2, 18, 40), ann(4, 2, 18, 20),                     # two dogs: not unique
+                           ann(5, 3, 18, 40), *[ann(6 + j, 3, 1, 5) for j in range(3)],  # 4 objects
+                           ann(10, 4, 18, 20),                                        # 400 px²: too small
+                           ann(11, 5, 18, 35), ann(12, 5, 1, 60)]}                    # ok: the dog
+    (tmp_path / "inst.json").write_text(json.dumps(doc))
+    records = object_records(tmp_path / "inst.json", tmp_path, NEO, 0, 24, True, {1: ["What is on the pole?"]})
+    assert [(r.image_id, r.name, r.word) for r in records] == [(1, "stop sign", "sign"), (5, "dog", "dog")]
+    assert records[0].vqa == ("What is on the pole?", "sign") and records[1].vqa is None
+
+
+def test_vqa_probe_answer_is_the_token_after_the_prefill(tmp_path):
+    """After "It is a" the class word comes with its leading space (" dog"), a different byte-level
+    BPE token from a bare "dog"."""
+    from transformers import AutoTokenizer
+
+    from stagediff.visual.experiments import answer_token
+    from tests.paper_mini import llama31_tokenizer
+
+    llama31_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    t = answer_token(tok, "It is a", "dog")
+    assert tok.decode([t]).startswith(" ")
+    assert tok("It is a dog", add_special_tokens=False)["input_ids"][len(tok("It is a", add_special_tokens=False)["input_ids"])] == t
+
+
+def test_hallucination_control_masks_only_the_object_box(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from stagediff.visual.experiments import ObjectRecord, _masked
+
+    img = np.full((30, 40, 3), 100, np.uint8)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    r = ObjectRecord(1, tmp_path / "a.png", "dog", (10, 5, 8, 6), (40, 30), None)
+    (m,) = _masked([r], tmp_path, seed=0)
+    out = np.array(Image.open(m.image_path))
+    box = np.zeros((30, 40), bool)
+    box[5:11, 10:18] = True
+    assert (out[~box] == 100).all() and (out[box] != 100).any() and m.box == r.box

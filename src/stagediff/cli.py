@@ -106,7 +106,7 @@ def cmd_vlm_accuracy(a) -> None:
     e = p["evaluate_vlm"]
     model, processor = _world(p)
     items = (vqa_items(p["data"], e["split"], p["prompts"], p["question_splits"], e["n"], p["seed"])
-             + vsr_items(p["data"], e["split"], p["prompts"], e["n"]))
+             + vsr_items(p["data"], e["split"], p["prompts"], e["n"], p["seed"]))
     preds = predict(model, processor, items, e["batch_size"], e["max_new_tokens"])
     table = accuracy_table(items, preds)
     log.info("VLM accuracy (%s split):\n%s", e["split"], table.to_string(index=False))
@@ -285,7 +285,7 @@ def cmd_autointerp_examples(a) -> None:
     model, processor = _world(p)
     split = ai["pool"]["split"]
     items = (vqa_items(p["data"], split, p["prompts"], p["question_splits"], ai["pool"]["vqa"], p["seed"])
-             + vsr_items(p["data"], split, p["prompts"], ai["pool"]["vsr"]))
+             + vsr_items(p["data"], split, p["prompts"], ai["pool"]["vsr"], p["seed"]))
     ex = layer_examples(model, processor, load_sae(a.sae), a.layer, selected, items, ai, p["seed"])
     log.info("layer %d: examples for %d features from %d pool samples", a.layer, len(ex["features"]), len(items))
     write_json(ex, a.out)
@@ -352,6 +352,7 @@ def cmd_patching_layer(a) -> None:
 
 
 def cmd_ablation_layer(a) -> None:
+    import numpy as np
     import pandas as pd
 
     from stagediff.data.items import vqa_items, vsr_items
@@ -369,7 +370,9 @@ def cmd_ablation_layer(a) -> None:
     vsr_pool = vsr_items(p["data"], ab["pool_split"], p["prompts"])
     vsr_eval = vsr_items(p["data"], ab["split"], p["prompts"])
     yes_no = [it for it in vqa_items(p["data"], ab["split"], p["prompts"], p["question_splits"])
-              if it.answer_type == "yes/no"][: ab["max_vqa"]]
+              if it.answer_type == "yes/no"]
+    rng = np.random.default_rng(p["seed"])  # a seeded draw, not the first N by question id
+    yes_no = [yes_no[i] for i in np.sort(rng.permutation(len(yes_no))[: ab["max_vqa"]])]
     rows = ablation_layer(model, processor, load_sae(a.sae), a.layer, selected, vsr_pool, vsr_eval, yes_no, ab)
     write_parquet(rows, a.out)
 
@@ -398,15 +401,15 @@ def cmd_patching_figures(a) -> None:
 
 def _visual_setup(p: dict):
     """The VLM and the object records of ``visual.split`` (COCO-format instances, same images as VQAv2)."""
-    from stagediff.visual.experiments import object_records
+    from stagediff.visual.experiments import load_questions, object_records
 
     model, processor = _world(p)
     v = p["visual"]
     subtype = p["data"]["vqav2"]["subtypes"][v["split"]]
     grid = int(model.config.image_seq_length ** 0.5)
     records = object_records(Path(p["data"]["coco"]["root"]) / f"instances_{subtype}.json",
-                             Path(p["data"]["vqav2"]["images"]) / subtype, v["n_images"], p["seed"], grid,
-                             processor.pad_to_square)
+                             Path(p["data"]["vqav2"]["images"]) / subtype, v, p["seed"], grid,
+                             processor.pad_to_square, load_questions(v["questions"]))
     log.info("%d objects in %d %s images", len(records), len({r.image_id for r in records}), v["split"])
     return model, processor, records, grid
 
@@ -421,7 +424,7 @@ def cmd_visual_ablation(a) -> None:
     model, processor, records, grid = _visual_setup(p)
     mean = load_file(a.mean)["mean"]
     sets = token_sets(model, processor, records, p["visual"], p["prompts"], mean, grid, p["seed"])
-    write_parquet(token_ablation(model, processor, records, sets, p["visual"], p["prompts"], mean), a.out)
+    write_parquet(token_ablation(model, processor, records, sets, p["visual"], p["prompts"], mean, p["seed"]), a.out)
 
 
 def cmd_visual_logit_lens(a) -> None:
@@ -538,9 +541,12 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="stagediff", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log", help="append the job's log (and a failure's traceback) to this file; "
+                                      "stderr then gets only a failure's one-line message")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name, (fn, help_, options) in COMMANDS.items():
-        s = sub.add_parser(name, help=help_)
+        s = sub.add_parser(name, help=help_, parents=[common])
         s.set_defaults(fn=fn)
         for opt in options:
             opt_name, kw = opt if isinstance(opt, tuple) else (opt, {"required": True})
@@ -548,16 +554,24 @@ def main(argv: list[str] | None = None) -> None:
 
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+                        **({"filename": a.log} if a.log else {"stream": sys.stderr}))
     # Where the job ran, first in every rule log: on a cluster this says which SLURM job and which
     # GPUs (CUDA_VISIBLE_DEVICES) it was given.
     log.info("stagediff %s on %s (SLURM job %s, CUDA_VISIBLE_DEVICES=%s)", a.cmd, platform.node(),
              os.environ.get("SLURM_JOB_ID", "-"), os.environ.get("CUDA_VISIBLE_DEVICES", "-"))
     try:
         a.fn(a)
-    except (FileNotFoundError, ValueError, FloatingPointError, RuntimeError) as e:
-        log.error("%s", e)
+    except Exception as e:  # noqa: BLE001 - every failure ends the same way: traceback logged, one line out
+        log.error("stagediff %s failed", a.cmd, exc_info=True)
+        print(f"stagediff {a.cmd}: error: {one_line(e)}" + (f" (traceback in {a.log})" if a.log else ""),
+              file=sys.stderr)
         sys.exit(1)
+
+
+def one_line(e: BaseException) -> str:
+    """The exception as one line; a message that names no file gets its type in front."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: {text}"
 
 
 if __name__ == "__main__":

@@ -65,7 +65,23 @@ def validate(config: dict, source: str = "config") -> dict:
         _check_toy(config["toy"], source)
     else:
         _check_paths(config, source)
+    _check_shared_subtypes(config["data"]["vqav2"], source)
     return config
+
+
+def _check_shared_subtypes(v: dict, source: str) -> None:
+    """Splits reading the same VQAv2 subtype must split its images, or held-out scores reuse the
+    questions that selected the features."""
+    shares = v.get("split_images", {})
+    for subtype in set(v["subtypes"].values()):
+        splits = sorted(s for s, t in v["subtypes"].items() if t == subtype)
+        missing = [s for s in splits if s not in shares]
+        if len(splits) > 1 and missing:
+            raise ConfigError(f"{source}: config key data.vqav2.subtypes maps {splits} to {subtype}; give each "
+                              f"its share of the images in data.vqav2.split_images (missing: {missing})")
+    if sum(shares.values()) > 1 + 1e-9:
+        raise ConfigError(f"{source}: config key data.vqav2.split_images: fractions sum to "
+                          f"{sum(shares.values())} > 1")
 
 
 def _normalise_overrides(config: dict) -> None:
@@ -147,6 +163,7 @@ def resolve_world(config: dict) -> None:
         "coco": {"root": f"{d}/coco"},
         "neutral_prompts": f"{d}/neutral_prompts.json",
     }
+    config["visual"]["questions"] = f"{d}/clean_questions.json"
     config.setdefault("model", {})
     config["model"].update({"vlm": f"{root}/vlm", "n_layers": config["toy"]["base_lm"]["n_layers"]})
     config["base_sae"] = {"path": root + "/llama_scope/L{layer}R-8x"}

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from stagediff.data.items import Item
-from stagediff.data.vqav2 import vqa_accuracy
+from stagediff.data.vqa_eval import vqa_accuracy
 from stagediff.models.vlm import chat_prompt, encode_batch, load_image, to_model
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ rule autointerp_examples:
         ENV
     shell:
         "stagediff autointerp-examples --params {params.p:q} --sae {input.sae} --selected {input.selected}"
-        " --layer {wildcards.layer} --out {output} 2> {log}"
+        " --layer {wildcards.layer} --out {output} --log {log}"
 
 
 rule autointerp_describe:
@@ -44,7 +44,7 @@ rule autointerp_describe:
         ENV
     shell:
         "stagediff autointerp-describe --params {params.p:q} --examples {input.examples}"
-        " --out-dir {output.features} --summary {output.summary} 2> {log}"
+        " --out-dir {output.features} --summary {output.summary} --log {log}"
 
 
 rule autointerp_summary:
@@ -59,7 +59,7 @@ rule autointerp_summary:
     conda:
         ENV
     shell:
-        "stagediff concat-tables {input} --out {output} 2> {log}"
+        "stagediff concat-tables {input} --out {output} --log {log}"
 
 
 rule autointerp_figures:
@@ -77,4 +77,4 @@ rule autointerp_figures:
     conda:
         ENV
     shell:
-        "stagediff autointerp-figures --params {params.p:q} {input} --out-dir {output} 2> {log}"
+        "stagediff autointerp-figures --params {params.p:q} {input} --out-dir {output} --log {log}"

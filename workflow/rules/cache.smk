@@ -17,7 +17,7 @@ rule vlm_accuracy:
     conda:
         ENV
     shell:
-        "stagediff vlm-accuracy --params {params.p:q} --out {output} 2> {log}"
+        "stagediff vlm-accuracy --params {params.p:q} --out {output} --log {log}"
 
 
 for _gid, _group in enumerate(layer_groups()):
@@ -40,4 +40,4 @@ for _gid, _group in enumerate(layer_groups()):
         conda:
             ENV
         shell:
-            "stagediff cache --params {params.p:q} --layers {params.layers} --out {output} 2> {log}"
+            "stagediff cache --params {params.p:q} --layers {params.layers} --out {output} --log {log}"

@@ -21,4 +21,4 @@ if not TOY and "original" in config["model"]:
             ENV
         shell:
             "stagediff convert-llava --checkpoint {input.checkpoint} --vision-tower {input.vision_tower}"
-            " --dtype {params.dtype} --out {output} 2> {log}"
+            " --dtype {params.dtype} --out {output} --log {log}"

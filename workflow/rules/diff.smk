@@ -20,7 +20,7 @@ rule diff_layer:
         ENV
     shell:
         "stagediff diff-layer --params {params.p:q} --cache {input.cache} --base-sae {input.base_sae}"
-        " --layer {wildcards.layer} --saes {input.saes} --out {output} 2> {log}"
+        " --layer {wildcards.layer} --saes {input.saes} --out {output} --log {log}"
 
 
 rule diff_adapted:
@@ -39,7 +39,7 @@ rule diff_adapted:
     conda:
         ENV
     shell:
-        "stagediff diff-adapted --params {params.p:q} {input} --out {output.features} --sweep {output.sweep} 2> {log}"
+        "stagediff diff-adapted --params {params.p:q} {input} --out {output.features} --sweep {output.sweep} --log {log}"
 
 
 rule diff_figures:
@@ -60,7 +60,7 @@ rule diff_figures:
         ENV
     shell:
         "stagediff diff-figures --params {params.p:q} --features {input.features} --sweep {input.sweep}"
-        " --selected {input.selected} --out-dir {output} 2> {log}"
+        " --selected {input.selected} --out-dir {output} --log {log}"
 
 
 rule shift_layer:
@@ -81,7 +81,7 @@ rule shift_layer:
         ENV
     shell:
         "stagediff shift-layer --params {params.p:q} --cache {input.cache} --sae {input.sae}"
-        " --layer {wildcards.layer} --out {output} 2> {log}"
+        " --layer {wildcards.layer} --out {output} --log {log}"
 
 
 rule shift_candidates:
@@ -98,7 +98,7 @@ rule shift_candidates:
     conda:
         ENV
     shell:
-        "stagediff shift-candidates --params {params.p:q} {input} --out {output} 2> {log}"
+        "stagediff shift-candidates --params {params.p:q} {input} --out {output} --log {log}"
 
 
 rule shift_figures:
@@ -114,7 +114,7 @@ rule shift_figures:
     conda:
         ENV
     shell:
-        "stagediff shift-figures --table {input} --out-dir {output} 2> {log}"
+        "stagediff shift-figures --table {input} --out-dir {output} --log {log}"
 
 
 rule neutral_layer:
@@ -137,7 +137,7 @@ rule neutral_layer:
         ENV
     shell:
         "stagediff neutral-layer --params {params.p:q} --cache {input.cache} --sae {input.sae}"
-        " --shift {input.shift} --adapted {input.adapted} --layer {wildcards.layer} --out {output} 2> {log}"
+        " --shift {input.shift} --adapted {input.adapted} --layer {wildcards.layer} --out {output} --log {log}"
 
 
 rule select_features:
@@ -160,4 +160,4 @@ rule select_features:
         ENV
     shell:
         "stagediff select-features --params {params.p:q} --shift {input.shift} --adapted {input.adapted}"
-        " --evidence {input.evidence} --evidence-out {output.evidence} --out {output.selected} 2> {log}"
+        " --evidence {input.evidence} --evidence-out {output.evidence} --out {output.selected} --log {log}"

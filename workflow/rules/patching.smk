@@ -16,7 +16,7 @@ rule patching_mean:
     conda:
         ENV
     shell:
-        "stagediff patching-mean --params {params.p:q} --out {output} 2> {log}"
+        "stagediff patching-mean --params {params.p:q} --out {output} --log {log}"
 
 
 rule patching_layer:
@@ -42,7 +42,7 @@ rule patching_layer:
     shell:
         "stagediff patching-layer --params {params.p:q} --cache {input.cache} --sae {input.sae}"
         " --selected {input.selected} --mean {input.mean} --layer {wildcards.layer} --out-dir {output.tensors}"
-        " --scores {output.scores} --validation {output.validation} 2> {log}"
+        " --scores {output.scores} --validation {output.validation} --log {log}"
 
 
 rule patching_tables:
@@ -60,8 +60,8 @@ rule patching_tables:
     conda:
         ENV
     shell:
-        "stagediff concat-tables {input.scores} --out {output.scores} 2> {log}"
-        " && stagediff concat-tables {input.validation} --out {output.validation} 2>> {log}"
+        "stagediff concat-tables {input.scores} --out {output.scores} --log {log}"
+        " && stagediff concat-tables {input.validation} --out {output.validation} --log {log}"
 
 
 rule patching_figures:
@@ -81,7 +81,7 @@ rule patching_figures:
         ENV
     shell:
         "stagediff patching-figures --params {params.p:q} --scores {input.scores} --dirs {input.tensors}"
-        " --out-dir {output} 2> {log}"
+        " --out-dir {output} --log {log}"
 
 
 rule ablation_layer:
@@ -102,7 +102,7 @@ rule ablation_layer:
         ENV
     shell:
         "stagediff ablation-layer --params {params.p:q} --sae {input.sae} --selected {input.selected}"
-        " --layer {wildcards.layer} --out {output} 2> {log}"
+        " --layer {wildcards.layer} --out {output} --log {log}"
 
 
 rule ablation_table:
@@ -124,4 +124,4 @@ rule ablation_table:
         ENV
     shell:
         "stagediff ablation-table --params {params.p:q} {input} --per-seed {output.per_seed} --out {output.table}"
-        " --markdown {output.markdown} --latex {output.latex} 2> {log}"
+        " --markdown {output.markdown} --latex {output.latex} --log {log}"

@@ -21,7 +21,7 @@ rule sae_finetune:
     shell:
         "stagediff sae-finetune --params {params.p:q} --cache {input.cache} --base-sae {input.base_sae}"
         " --layer {wildcards.layer} --regime {wildcards.regime} --checkpoint-dir {params.checkpoints}"
-        " --out {output} 2> {log}"
+        " --out {output} --log {log}"
 
 
 rule sae_evaluate:
@@ -42,7 +42,7 @@ rule sae_evaluate:
         ENV
     shell:
         "stagediff sae-evaluate --params {params.p:q} --cache {input.cache} --base-sae {input.base_sae}"
-        " --layer {wildcards.layer} --saes {input.saes} --out {output} 2> {log}"
+        " --layer {wildcards.layer} --saes {input.saes} --out {output} --log {log}"
 
 
 rule sae_fvu_table:
@@ -57,7 +57,7 @@ rule sae_fvu_table:
     conda:
         ENV
     shell:
-        "stagediff concat-tables {input} --out {output} 2> {log}"
+        "stagediff concat-tables {input} --out {output} --log {log}"
 
 
 rule sae_figures:
@@ -74,4 +74,4 @@ rule sae_figures:
     conda:
         ENV
     shell:
-        "stagediff sae-figures --table {input.table} --curves {input.saes} --out-dir {output} 2> {log}"
+        "stagediff sae-figures --table {input.table} --curves {input.saes} --out-dir {output} --log {log}"

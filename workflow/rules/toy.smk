@@ -15,7 +15,7 @@ if TOY:
         conda:
             ENV
         shell:
-            "stagediff toy-data --params {params.p:q} --out {output} 2> {log}"
+            "stagediff toy-data --params {params.p:q} --out {output} --log {log}"
 
     rule toy_base_lm:
         input:
@@ -32,7 +32,7 @@ if TOY:
         conda:
             ENV
         shell:
-            "stagediff toy-base-lm --params {params.p:q} --data {input.data} --out {output} 2> {log}"
+            "stagediff toy-base-lm --params {params.p:q} --data {input.data} --out {output} --log {log}"
 
     rule toy_base_sae:
         input:
@@ -50,7 +50,7 @@ if TOY:
             ENV
         shell:
             "stagediff toy-base-sae --params {params.p:q} --data {input.data} --base-lm {input.base_lm}"
-            " --layer {wildcards.layer} --out {output} 2> {log}"
+            " --layer {wildcards.layer} --out {output} --log {log}"
 
     rule toy_vlm:
         input:
@@ -75,4 +75,4 @@ if TOY:
         conda:
             ENV
         shell:
-            "stagediff toy-vlm --params {params.p:q} --base-lm {input.base_lm} --out {output} 2> {log}"
+            "stagediff toy-vlm --params {params.p:q} --base-lm {input.base_lm} --out {output} --log {log}"

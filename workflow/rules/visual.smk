@@ -18,7 +18,7 @@ rule visual_ablation:
     conda:
         ENV
     shell:
-        "stagediff visual-ablation --params {params.p:q} --mean {input.mean} --out {output} 2> {log}"
+        "stagediff visual-ablation --params {params.p:q} --mean {input.mean} --out {output} --log {log}"
 
 
 rule visual_logit_lens:
@@ -37,7 +37,7 @@ rule visual_logit_lens:
     conda:
         ENV
     shell:
-        "stagediff visual-logit-lens --params {params.p:q} --out {output.table} --maps {output.maps} 2> {log}"
+        "stagediff visual-logit-lens --params {params.p:q} --out {output.table} --maps {output.maps} --log {log}"
 
 
 rule visual_knockout:
@@ -55,7 +55,7 @@ rule visual_knockout:
     conda:
         ENV
     shell:
-        "stagediff visual-knockout --params {params.p:q} --out {output} 2> {log}"
+        "stagediff visual-knockout --params {params.p:q} --out {output} --log {log}"
 
 
 rule visual_figures:
@@ -77,4 +77,4 @@ rule visual_figures:
         ENV
     shell:
         "stagediff visual-figures --params {params.p:q} --ablation {input.ablation} --logit-lens {input.lens}"
-        " --maps {input.maps} --knockout {input.knockout} --out-dir {output} 2> {log}"
+        " --maps {input.maps} --knockout {input.knockout} --out-dir {output} --log {log}"

@@ -16,12 +16,9 @@ import torch
 
 from stagediff.capture import item_residuals
 from stagediff.data.items import Item
+from stagediff.models.vlm import token_text
 
 CONTRAST = 20  # random prompts the offline explainer contrasts with; disjoint from the negatives
-
-
-def token_text(tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id]).strip() or tokenizer.convert_ids_to_tokens(token_id)
 
 
 def pool_activations(model, processor, sae, layer: int, items: list[Item], features: list[int],

@@ -99,7 +99,7 @@ def _generate(root: Path, cfg: dict, seed: int) -> None:
     categories = [{"id": i + 1, "name": n, "supercategory": "shape" if n != "sign" else "sign"}
                   for i, n in enumerate([f"{c} {s}" for c in ts.COLORS for s in ts.SHAPES] + ["sign"])]
     cat_id = {c["name"]: c["id"] for c in categories}
-    image_id, corpus = 0, []
+    image_id, corpus, neo_questions = 0, [], {}
     (root / "vqav2").mkdir(parents=True)
     (root / "vsr").mkdir()
     (root / "coco").mkdir()
@@ -114,6 +114,7 @@ def _generate(root: Path, cfg: dict, seed: int) -> None:
             Image.fromarray(ts.render(objs, size, rng)).save(root / "images" / subtype / fname)
             coco_images.append({"id": image_id, "file_name": fname, "width": size, "height": size})
             captions.append({"id": image_id, "image_id": image_id, "caption": _describe(objs)})
+            neo_questions[str(image_id)] = _neo_questions(objs)
             for o in objs:
                 coco_anns.append({"id": len(coco_anns) + 1, "image_id": image_id, "category_id": cat_id[o.name],
                                   "bbox": list(o.box), "area": o.box[2] * o.box[3], "iscrowd": 0,
@@ -137,8 +138,19 @@ def _generate(root: Path, cfg: dict, seed: int) -> None:
         with open(root / "vsr" / f"{VSR_SPLITS[split]}.jsonl", "w") as f:
             f.writelines(json.dumps(line, sort_keys=True) + "\n" for line in vsr_lines)
     _dump(root / "neutral_prompts.json", list(cfg["neutral_prompts"]))
+    _dump(root / "clean_questions.json", neo_questions)
     # The base LM's text-only corpus: scene descriptions, questions and answers in words.
     (root / "corpus.txt").write_text("\n".join(corpus) + "\n")
+
+
+def _neo_questions(objs: list[ts.SceneObject]) -> list[str]:
+    """Neo et al.'s VQA probe questions (their clean_questions.json: image id -> questions about
+    the image's target object, answered by its class word): the first shape, asked by its colour
+    where no other shape has it. No random draw, so the rest of the world is unchanged."""
+    shapes = [o for o in objs if o.kind == "shape"]
+    if not shapes or [o.color for o in shapes].count(shapes[0].color) > 1:
+        return []
+    return [f"What shape is the {shapes[0].color} object?"]
 
 
 def _describe(objs: list[ts.SceneObject]) -> str:

@@ -84,15 +84,3 @@ def subsample(samples: list[VQASample], n: int | None, seed: int) -> list[VQASam
         return list(samples)
     idx = np.sort(np.random.default_rng(seed).choice(len(samples), size=n, replace=False))
     return [samples[i] for i in idx]
-
-
-def vqa_accuracy(prediction: str, answers: tuple[str, ...] | list[str]) -> float:
-    """Official VQA accuracy: min(1, #matches/3) averaged over the 10 leave-one-out subsets."""
-    answers = list(answers)
-    if len(answers) < 2:
-        return float(prediction == answers[0]) if answers else 0.0
-    scores = []
-    for i in range(len(answers)):
-        others = answers[:i] + answers[i + 1:]
-        scores.append(min(1.0, sum(a == prediction for a in others) / 3.0))
-    return float(np.mean(scores))

@@ -89,11 +89,11 @@ def token_masks(batch: dict, model) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def iter_batches(processor, items: list[Item], batch_size: int):
-    """Encoded prompt batches (question only, generation prompt appended; right padding)."""
+    """Encoded prompt batches (question, generation prompt, the item's prefill; right padding)."""
     for i in range(0, len(items), batch_size):
         part = items[i : i + batch_size]
         b = encode_batch(processor, [load_image(it.image_path) for it in part],
-                         [chat_prompt(processor, it.user_text) for it in part])
+                         [chat_prompt(processor, it.user_text) + it.prefill for it in part])
         yield part, b
 
 
@@ -138,6 +138,16 @@ def next_token_probs(model, batch: dict) -> torch.Tensor:
     """[batch, vocab] next-token distribution after each prompt (float32)."""
     logits = model(**batch, use_cache=False).logits
     return logits[torch.arange(len(logits)), last_positions(batch)].float().softmax(-1)
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """One token as a reader should see it in prompts and figures: decoded text, not the
+    tokenizer's byte-level glyphs ("Ġ", "Ċ"); whitespace and control bytes written as escapes."""
+    text = tokenizer.decode([token_id])
+    if not text.strip():
+        return text.encode("unicode_escape").decode() or tokenizer.convert_ids_to_tokens(token_id)
+    text = text.strip()
+    return text if text.isprintable() else text.encode("unicode_escape").decode()
 
 
 def first_token(tokenizer, word: str) -> int:

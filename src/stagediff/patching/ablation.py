@@ -29,7 +29,7 @@ import torch
 
 from stagediff.autointerp.examples import peak_activation, pool_activations
 from stagediff.data.items import Item
-from stagediff.data.vqav2 import vqa_accuracy
+from stagediff.data.vqa_eval import vqa_accuracy
 from stagediff.io import markdown_table
 from stagediff.models.vlm import decoder_layers, first_token, iter_batches, next_token_probs, to_model, token_masks
 from stagediff.patching.attribution import unit_direction
@@ -45,8 +45,12 @@ def ablate_direction(model, layer: int, v: torch.Tensor | None, text_mask: torch
 
     def hook(_m, _a, out):
         y = out[0] if isinstance(out, tuple) else out
-        proj = (y @ v.to(y.dtype))[..., None] * v.to(y.dtype)
-        y = y - proj * text_mask[..., None].to(y.dtype)
+        # the projection in (at least) float32, so a bf16 residual keeps no component along v
+        # beyond the final rounding; v and the mask follow the residual's device
+        wide = y.to(torch.promote_types(y.dtype, torch.float32))
+        u = v.to(wide)
+        wide = wide - (wide @ u)[..., None] * u * text_mask.to(wide)[..., None]
+        y = wide.to(y.dtype)
         return (y, *out[1:]) if isinstance(out, tuple) else y
 
     h = decoder_layers(model)[layer].register_forward_hook(hook)

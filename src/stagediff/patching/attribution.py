@@ -28,11 +28,17 @@ def unit_direction(sae, feature: int) -> torch.Tensor:
     return w / w.norm()
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """At least float32: a bf16 model's tensors meet fp32 directions; a float64 test model stays float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _run(model, batch: dict, layer: int, v: torch.Tensor, positions: str, patch: dict | None = None,
          grad: bool = True):
     """One forward to layer L: (J per sample [batch], head views, their gradients or None)."""
     _, text = token_masks(batch, model)
-    mask = (text if positions == "text" else batch["attention_mask"].bool()).to(v.dtype)
+    # J in float32 whatever the model's dtype (bf16 residual, fp32 direction)
+    mask = (text if positions == "text" else batch["attention_mask"].bool())
     layers = list(range(layer + 1))
     with torch.enable_grad() if grad else torch.no_grad():
         with head_views(model, layers, patch) as views, residual_hooks(model, [layer], detach=False) as resid:
@@ -40,7 +46,9 @@ def _run(model, batch: dict, layer: int, v: torch.Tensor, positions: str, patch:
                 model(**batch, use_cache=False)
             except StopForward:  # nothing after layer L can change J
                 pass
-        j = ((resid[layer] @ v) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        r = _wide(resid[layer])
+        mask = mask.to(r.dtype)
+        j = ((r @ v.to(r)) * mask).sum(1) / mask.sum(1).clamp(min=1)
         grads = None
         if grad:
             keys = [(lv, view) for lv in layers for view in VIEWS]
@@ -50,9 +58,9 @@ def _run(model, batch: dict, layer: int, v: torch.Tensor, positions: str, patch:
 
 
 def per_head(x: torch.Tensor, model, view: str) -> torch.Tensor:
-    """[batch, seq, heads·d] summed over positions and head dims -> [batch, heads]."""
+    """[batch, seq, heads·d] summed over positions and head dims -> [batch, heads] (at least float32)."""
     b, t, _ = x.shape
-    return x.reshape(b, t, n_heads(model, view), head_dim(model)).sum(dim=(1, 3))
+    return _wide(x).reshape(b, t, n_heads(model, view), head_dim(model)).sum(dim=(1, 3))
 
 
 def attribution(model, batch: dict, layer: int, v: torch.Tensor, mean: torch.Tensor, positions: str) -> dict:
@@ -62,8 +70,9 @@ def attribution(model, batch: dict, layer: int, v: torch.Tensor, mean: torch.Ten
         j_corr, corr, g_corr = _run(model, batch, layer, v, positions)
     out = {"j_clean": j_clean, "j_corr": j_corr, "method_a": {}, "method_b": {}}
     for k in clean:
-        out["method_a"][k] = per_head((corr[k] - clean[k]) * g_clean[k], model, k[1])
-        out["method_b"][k] = per_head((clean[k] - corr[k]) * g_corr[k], model, k[1])
+        diff = _wide(corr[k]) - _wide(clean[k])
+        out["method_a"][k] = per_head(diff * _wide(g_clean[k]), model, k[1])
+        out["method_b"][k] = per_head(-diff * _wide(g_corr[k]), model, k[1])
     return out
 
 
@@ -77,7 +86,7 @@ def exact_effects(model, batch: dict, layer: int, v: torch.Tensor, mean: torch.T
     d = head_dim(model)
     out = {}
     for (lv, view), u in corr.items():
-        eff = torch.zeros(u.shape[0], n_heads(model, view))
+        eff = torch.zeros(u.shape[0], n_heads(model, view), dtype=j_clean.dtype, device=u.device)
         for h in range(n_heads(model, view)):
             j, _, _ = _run(model, batch, layer, v, positions, patch={(lv, view, h): u[..., h * d : (h + 1) * d]},
                            grad=False)

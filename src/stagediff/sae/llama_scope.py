@@ -5,10 +5,15 @@ One folder per layer (``Llama3_1-8B-Base-L15R-8x/``) holding ``hyperparams.json`
 ``encoder.weight [d_sae, d_model]``, ``encoder.bias``, ``decoder.weight [d_model, d_sae]``,
 ``decoder.bias``. Weights live in the dataset-normalised space; the loader keeps them raw and
 applies s = sqrt(d_model) / dataset_average_activation_norm["in"] to the input instead.
+
+The release was trained TopK-50 and post-processed to JumpReLU (lm_saes ``post_processing.py``):
+``act_fn: jumprelu`` with one global ``jump_relu_threshold``. The paper re-instantiates every
+base SAE as TopK-50, so the loader builds TopK and logs the form it read.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -17,13 +22,25 @@ from safetensors.torch import load_file, save_file
 
 from stagediff.sae.topk import TopKSAE
 
+log = logging.getLogger(__name__)
 WEIGHTS = Path("checkpoints") / "final.safetensors"
 
 
-def hyperparams(sae: TopKSAE, layer: int, avg_norm: float) -> dict:
+@torch.no_grad()
+def jump_relu_threshold(sae: TopKSAE, x: torch.Tensor) -> float:
+    """Llama Scope's post-processing threshold: the (tokens·k)-th largest activation of the SAE in
+    its inference form (dataset norm folded, unit decoder rows: n_i·relu(pre_i)/s) over ``x``."""
+    pre = (x * sae.scale) @ sae.W_enc.T + sae.b_enc
+    acts = (pre.relu() * sae.W_dec.norm(dim=1) / sae.scale).flatten()
+    return float(acts.topk(min(len(acts), len(x) * sae.k)).values[-1])
+
+
+def hyperparams(sae: TopKSAE, layer: int, avg_norm: float, threshold: float) -> dict:
+    """hyperparams.json as the post-processed release has it (lm_saes SAEConfig fields)."""
     hook = f"blocks.{layer}.hook_resid_post"
     return {"d_model": sae.d_model, "d_sae": sae.d_sae, "expansion_factor": sae.d_sae // sae.d_model,
-            "hook_point_in": hook, "hook_point_out": hook, "act_fn": "topk", "top_k": sae.k,
+            "hook_point_in": hook, "hook_point_out": hook, "act_fn": "jumprelu",
+            "jump_relu_threshold": threshold, "top_k": sae.k,
             "norm_activation": "dataset-wise",
             "dataset_average_activation_norm": {"in": avg_norm, "out": avg_norm},
             "sparsity_include_decoder_norm": sae.rank_by_decoder_norm,
@@ -31,14 +48,14 @@ def hyperparams(sae: TopKSAE, layer: int, avg_norm: float) -> dict:
             "init_decoder_norm": 0.5}
 
 
-def save_llama_scope(sae: TopKSAE, folder: str | Path, layer: int, lm_config: dict) -> None:
+def save_llama_scope(sae: TopKSAE, folder: str | Path, layer: int, lm_config: dict, threshold: float) -> None:
     folder = Path(folder)
     avg_norm = math.sqrt(sae.d_model) / float(sae.scale)
     (folder / WEIGHTS).parent.mkdir(parents=True, exist_ok=True)
     save_file({"encoder.weight": sae.W_enc.detach().contiguous(), "encoder.bias": sae.b_enc.detach().contiguous(),
                "decoder.weight": sae.W_dec.detach().T.contiguous(), "decoder.bias": sae.b_dec.detach().contiguous()},
               folder / WEIGHTS)
-    (folder / "hyperparams.json").write_text(json.dumps(hyperparams(sae, layer, avg_norm), indent=2))
+    (folder / "hyperparams.json").write_text(json.dumps(hyperparams(sae, layer, avg_norm, threshold), indent=2))
     (folder / "lm_config.json").write_text(json.dumps(lm_config, indent=2))
 
 
@@ -50,6 +67,13 @@ def load_llama_scope(folder: str | Path, k: int | None = None, dtype: torch.dtyp
         if not p.is_file():
             raise FileNotFoundError(f"Llama Scope SAE file missing: {p}")
     hp = json.loads(hp_path.read_text())
+    act = hp.get("act_fn")
+    if act == "jumprelu" and "jump_relu_threshold" not in hp:
+        raise ValueError(f"{hp_path}: act_fn jumprelu without jump_relu_threshold")
+    if act not in ("jumprelu", "topk"):
+        raise ValueError(f"{hp_path}: unsupported act_fn {act!r} (Llama Scope releases are jumprelu or topk)")
+    log.info("%s: act_fn %s%s -> TopK-%d (the paper re-instantiates Llama Scope as TopK)", folder, act,
+             f" (jump_relu_threshold {hp['jump_relu_threshold']})" if act == "jumprelu" else "", k or hp["top_k"])
     if hp.get("norm_activation") not in ("dataset-wise", "inference"):
         raise ValueError(f"{hp_path}: unsupported norm_activation {hp.get('norm_activation')!r}")
     norm = hp["dataset_average_activation_norm"]

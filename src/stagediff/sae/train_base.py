@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from stagediff.capture import capture_residuals
 from stagediff.io import atomic_dir
-from stagediff.sae.llama_scope import save_llama_scope
+from stagediff.sae.llama_scope import jump_relu_threshold, save_llama_scope
 from stagediff.sae.topk import TopKSAE
 from stagediff.seed import seed_everything
 
@@ -62,4 +62,4 @@ def train_base_sae(base_lm: str | Path, corpus: str | Path, layer: int, out: str
             log.info("base SAE L%d step %d/%d loss %.4f FVU %.4f", layer, step + 1, cfg["steps"], loss.item(), fvu)
     lm_config = LlamaForCausalLM.config_class.from_pretrained(base_lm).to_dict()
     with atomic_dir(out) as tmp:
-        save_llama_scope(sae, tmp, layer, lm_config)
+        save_llama_scope(sae, tmp, layer, lm_config, jump_relu_threshold(sae, x[:4096]))

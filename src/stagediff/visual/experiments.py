@@ -1,27 +1,34 @@
 """Neo et al.'s three experiments on the VLM: token ablation (Table 1), logit lens on visual tokens,
 attention knockout (Table 2).
 
-Objects come from COCO-format instances (toy world: exact boxes; paper world: COCO annotations).
-An object's name is its category name ("red circle"; COCO: "dog"); its class word is the name's
-last word (the word the logit lens looks for). Prompts are the config's, wrapped in ``prompts.vqa``:
-``visual.describe`` (generative), ``visual.polling`` (binary polling, "Is there a {name}?" -> yes),
-and in the toy world the VQA question "What shape is the {color} object?" (asked when the colour is
-unique in the image) whose next token must be the shape.
+Objects come from COCO-format instances (toy world: exact boxes; paper world: COCO annotations),
+one target per image chosen as Neo et al. §3 choose images: an object of ``visual.object_area``
+px², the only instance of its category, in an image of at most ``visual.max_objects`` objects.
+An object's name is its category name ("red circle"; COCO: "stop sign"); its class word is the
+name's last word (the word the logit lens looks for). Prompts are the config's, wrapped in
+``prompts.vqa``: ``visual.describe`` (generative: the name in the description), ``visual.polling``
+(binary polling: next token ``yes_token``) and the VQA probe: the image's question from
+``visual.questions`` (Neo et al.'s curated file) with the answer prefilled by ``visual.vqa_prefill``,
+whose next token must be the class word. With ``hallucination_control`` a metric counts an object
+only if it is identified in the original image and not with the object masked by noise.
 """
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
 from stagediff.data.items import Item
 from stagediff.evaluate_vlm import predict
-from stagediff.models.vlm import first_token, iter_batches, last_positions, next_token_probs, to_model, visual_embeddings
+from stagediff.models.vlm import (first_token, iter_batches, last_positions, load_image, next_token_probs, to_model,
+                                  token_text, visual_embeddings)
 from stagediff.visual import tokens as vt
 from stagediff.visual.interventions import block_attention, integrated_gradients, logit_lens, replace_visual_tokens
 
@@ -43,34 +50,87 @@ class ObjectRecord:
         return self.name.split()[-1]
 
 
-def object_records(coco_file: str | Path, image_dir: str | Path, n_images: int, seed: int, grid: int,
-                   pad_to_square: bool) -> list[ObjectRecord]:
-    """One record per object (signs excluded: they have no class word) of ``n_images`` seeded images."""
-    doc = json.loads(Path(coco_file).read_text())
-    cats = {c["id"]: c["name"] for c in doc["categories"]}
-    images = {im["id"]: im for im in doc["images"]}
-    chosen = sorted(np.random.default_rng(seed).permutation(sorted(images))[:n_images].tolist())
-    by_image: dict[int, list] = {}
-    for a in doc["annotations"]:
-        if a["image_id"] in set(chosen) and cats[a["category_id"]] != "sign":
+def load_questions(path: str | Path | None) -> dict[int, list[str]] | None:
+    """Neo et al.'s question file (image id -> questions), or None with the reason logged."""
+    if path is None or not Path(path).is_file():
+        log.warning("VQA probe skipped: no question file (config key visual.questions = %s)", path)
+        return None
+    try:
+        doc = json.loads(Path(path).read_text())
+        return {int(k): list(v) for k, v in doc.items()}
+    except (ValueError, AttributeError, TypeError) as e:
+        raise ValueError(f"{path}: not a question file (image id -> list of questions): {e}") from None
+
+
+def object_records(coco_file: str | Path, image_dir: str | Path, cfg: dict, seed: int, grid: int,
+                   pad_to_square: bool, questions: dict[int, list[str]] | None) -> list[ObjectRecord]:
+    """One target object per image, for the first ``cfg["n_images"]`` images (seeded order) that
+    pass Neo et al.'s filters; its VQA question is the image's first in ``questions``."""
+    coco_file = Path(coco_file)
+    try:
+        doc = json.loads(coco_file.read_text())
+        cats = {c["id"]: c["name"] for c in doc["categories"]}
+        images = {im["id"]: im for im in doc["images"]}
+        by_image: dict[int, list] = {}
+        for a in doc["annotations"]:
             by_image.setdefault(a["image_id"], []).append(a)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{coco_file}: not a readable COCO instances file ({e})") from None
+    lo, hi = cfg["object_area"]
     out = []
-    for i in chosen:
+    for i in np.random.default_rng(seed).permutation(sorted(images)).tolist():
         anns = by_image.get(i, [])
-        colours = [cats[a["category_id"]].split()[0] for a in anns]
-        im = images[i]
-        for a in anns:
-            name = cats[a["category_id"]]
-            colour = name.split()[0]
-            vqa = (f"What shape is the {colour} object?", name.split()[-1]) if len(name.split()) == 2 and colours.count(colour) == 1 else None
-            wh = (im["width"], im["height"])
-            out.append(ObjectRecord(i, Path(image_dir) / im["file_name"], name, tuple(a["bbox"]), wh, vqa,
-                                    vt.object_patches(a["bbox"], wh, grid, pad_to_square)))
+        if not anns or len(anns) > cfg["max_objects"]:
+            continue
+        names = [cats[a["category_id"]] for a in anns]
+        targets = [a for a, n in zip(anns, names) if lo <= a["area"] <= hi and names.count(n) == 1
+                   and n not in cfg["exclude_categories"]]
+        if not targets:
+            continue
+        a, im = targets[0], images[i]
+        name = cats[a["category_id"]]
+        asked = (questions or {}).get(i, [])
+        wh = (im["width"], im["height"])
+        out.append(ObjectRecord(i, Path(image_dir) / im["file_name"], name, tuple(a["bbox"]), wh,
+                                (asked[0], name.split()[-1]) if asked else None,
+                                vt.object_patches(a["bbox"], wh, grid, pad_to_square)))
+        if len(out) == cfg["n_images"]:
+            break
+    return sorted(out, key=lambda r: r.image_id)
+
+
+def _items(records: list[ObjectRecord], texts: list[str], prompt: str, prefill: str = "") -> list[Item]:
+    return [Item(r.image_id, r.image_path, prompt.format(question=t), "", (), "visual", "", "", prefill=prefill)
+            for r, t in zip(records, texts)]
+
+
+def _masked(records: list[ObjectRecord], folder: Path, seed: int) -> list[ObjectRecord]:
+    """The records with the target object's box filled with uniform noise (Neo et al. §3 (2))."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for r in records:
+        img = np.array(load_image(r.image_path))
+        x, y, w, h = (int(round(v)) for v in r.box)
+        img[y : y + h, x : x + w] = rng.integers(0, 256, img[y : y + h, x : x + w].shape, dtype=np.uint8)
+        path = folder / f"{r.image_id}.png"
+        Image.fromarray(img).save(path)
+        out.append(replace(r, image_path=path))
     return out
 
 
-def _items(records: list[ObjectRecord], texts: list[str], prompt: str) -> list[Item]:
-    return [Item(r.image_id, r.image_path, prompt.format(question=t), "", (), "visual", "", "") for r, t in zip(records, texts)]
+def answer_token(tokenizer, prefill: str, word: str) -> int:
+    """The first token of ``word`` as it follows ``prefill`` (" dog" after "It is a", not "dog")."""
+    before = tokenizer(prefill, add_special_tokens=False)["input_ids"]
+    after = tokenizer(f"{prefill} {word}" if prefill else word, add_special_tokens=False)["input_ids"]
+    return after[len(before)] if after[: len(before)] == before and len(after) > len(before) else first_token(
+        tokenizer, word)
+
+
+def vqa_probe(records: list[ObjectRecord], cfg: dict, prompts: dict, tokenizer) -> tuple[list[Item], torch.Tensor]:
+    """The VQA probe's items (answer prefilled) and the class-word token each must continue with."""
+    items = _items(records, [r.vqa[0] for r in records], prompts["vqa"], cfg["vqa_prefill"])
+    return items, torch.tensor([answer_token(tokenizer, cfg["vqa_prefill"], r.vqa[1]) for r in records],
+                               dtype=torch.long)
 
 
 def _probs(model, processor, items: list[Item], chosen: list[set[int]], mean, batch_size: int) -> torch.Tensor:
@@ -105,31 +165,37 @@ def token_sets(model, processor, records: list[ObjectRecord], cfg: dict, prompts
 
 
 def token_ablation(model, processor, records: list[ObjectRecord], sets: dict[str, list[set[int]]], cfg: dict,
-                   prompts: dict, mean: torch.Tensor) -> pd.DataFrame:
+                   prompts: dict, mean: torch.Tensor, seed: int) -> pd.DataFrame:
     """Table 1: per ablation type, the share (%) of objects identified before and not after."""
     tok, bs = processor.tokenizer, cfg["batch_size"]
-    describe = _items(records, [cfg["describe"]] * len(records), prompts["vqa"])
-    poll = _items(records, [cfg["polling"].format(name=r.name) for r in records], prompts["vqa"])
-    vqa_recs = [i for i, r in enumerate(records) if r.vqa]
-    vqa = _items([records[i] for i in vqa_recs], [records[i].vqa[0] for i in vqa_recs], prompts["vqa"])
     yes = first_token(tok, cfg["yes_token"])
-    answers = torch.tensor([first_token(tok, records[i].vqa[1]) for i in vqa_recs], dtype=torch.long)
+    vqa_recs = [i for i, r in enumerate(records) if r.vqa]
 
-    def outcomes(chosen):
-        def gen():
-            with replace_visual_tokens(model, list(chosen), mean):
-                return predict(model, processor, describe, bs, cfg["max_new_tokens"])
-        mention = np.array([r.name in text for r, text in zip(records, gen())])
-        polling = (_probs(model, processor, poll, chosen, mean, bs).argmax(-1) == yes).numpy()
+    def outcomes(recs, chosen):
+        describe = _items(recs, [cfg["describe"]] * len(recs), prompts["vqa"])
+        poll = _items(recs, [cfg["polling"].format(name=r.name) for r in recs], prompts["vqa"])
+        vqa, answers = vqa_probe([recs[i] for i in vqa_recs], cfg, prompts, tok)
+        with replace_visual_tokens(model, list(chosen), mean):
+            text = predict(model, processor, describe, bs, cfg["max_new_tokens"])
+        mention = np.array([r.name in t.lower() for r, t in zip(recs, text)])
+        polling = (_probs(model, processor, poll, chosen, mean, bs).argmax(-1).cpu() == yes).numpy()
         picked = [chosen[i] for i in vqa_recs]
-        vqa_ok = (_probs(model, processor, vqa, picked, mean, bs).argmax(-1) == answers).numpy() if vqa_recs else np.zeros(0, bool)
+        vqa_ok = ((_probs(model, processor, vqa, picked, mean, bs).argmax(-1).cpu() == answers).numpy()
+                  if vqa_recs else np.zeros(0, bool))
         return {"generative": mention, "polling": polling, "vqa": vqa_ok}
 
     # predict() and _probs() run the records in order, so the projector hook sees them in order
-    clean = outcomes([set()] * len(records))
+    none = [set()] * len(records)
+    clean = outcomes(records, none)
+    if cfg["hallucination_control"]:  # identified only through the object's own pixels
+        with tempfile.TemporaryDirectory() as tmp:
+            masked = outcomes(_masked(records, Path(tmp), seed), none)
+        clean = {m: ok & ~masked[m] for m, ok in clean.items()}
+        log.info("hallucination control: %s objects identified in the original and not once masked",
+                 {m: int(ok.sum()) for m, ok in clean.items()})
     rows = []
     for name, chosen in sets.items():
-        after = outcomes(chosen)
+        after = outcomes(records, chosen)
         row = {"ablation": name, "avg_tokens": float(np.mean([len(c) for c in chosen]))}
         for m in ("generative", "polling", "vqa"):
             ok = clean[m]
@@ -162,7 +228,7 @@ def logit_lens_table(model, processor, records: list[ObjectRecord], prompts: dic
                 rows.append({"image_id": r.image_id, "object": r.name, "layer": layer, "n_patches": len(hits),
                              "fraction": float(np.mean(hits)) if hits else float("nan")})
             if len(maps) < cfg["n_maps"] and r.image_id not in maps:
-                maps[r.image_id] = {"image": str(r.image_path), "tokens": [[tok.decode([t]).strip() for t in row]
+                maps[r.image_id] = {"image": str(r.image_path), "tokens": [[token_text(tok, t) for t in row]
                                                                           for row in grid_top.tolist()]}
     return pd.DataFrame(rows), maps
 
@@ -172,9 +238,16 @@ def knockout_table(model, processor, records: list[ObjectRecord], cfg: dict, pro
     answer relative to no knockout, over the objects answered correctly without it. The question is
     the object's VQA question where the world has one (the paper's setting), else binary polling."""
     tok = processor.tokenizer
-    probes = [r.vqa or (cfg["polling"].format(name=r.name), cfg["yes_token"]) for r in records]
-    poll = _items(records, [q for q, _ in probes], prompts["vqa"])
-    yes = torch.tensor([first_token(tok, a) for _, a in probes])
+    poll, yes = [], []
+    for r in records:  # the VQA probe (answer prefilled) where the image has a question, else polling
+        if r.vqa:
+            (item,), (answer,) = vqa_probe([r], cfg, prompts, tok)
+        else:
+            item, answer = _items([r], [cfg["polling"].format(name=r.name)], prompts["vqa"])[0], first_token(
+                tok, cfg["yes_token"])
+        poll.append(item)
+        yes.append(int(answer))
+    yes = torch.tensor(yes)
     image_id = model.config.image_token_id
     all_vis = set(range(grid * grid))
     groups = {("O", "LTP"): lambda r: (r.patches, None), ("O+1", "LTP"): lambda r: (vt.with_buffer(r.patches, grid, 1), None),
