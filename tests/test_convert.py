@@ -1,62 +1,51 @@
-"""LLaVA-MORE conversion: a tiny checkpoint in the original LLaVA layout gives the same logits
-through LLaVA's own recipe (computed here by hand with the real HF Llama and CLIP classes) and
-through the converted HF LlavaForConditionalGeneration."""
+"""LLaVA-MORE conversion on the release layout (tests/paper_mini.py): the converted HF
+LlavaForConditionalGeneration gives the logits of LLaVA's own recipe, computed here by hand from
+the original files with the real HF Llama and CLIP classes; its prompt is LLaVA-MORE's own."""
 import json
 
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, LlamaConfig,
-                          LlamaForCausalLM, PreTrainedTokenizerFast)
+from safetensors.torch import load_file
+from transformers import CLIPModel, LlamaConfig, LlamaForCausalLM
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from stagediff.models.convert import convert_llava
 from stagediff.models.vlm import CLIP_FILL, chat_prompt, encode_batch, expand_to_square, load_vlm, model_view
-from tests.paper_mini import LLAMA31_CHAT_TEMPLATE
+from tests import paper_mini
 
-SPECIAL = ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>",
-           "<|finetune_right_pad_id|>", "<unk>"]
-WORDS = "user assistant what is left of the red square ? describe image".split()
+QUESTION = "<image>\nWhat color is the stop sign?\nAnswer the question using a single word or phrase."
+CLIP_DIR = "clip-vit-large-patch14-336"
 
 
-def _original_checkpoint(root):
-    """LLaVA-MORE layout: llava_llama config with mm_* keys, model.* + model.mm_projector.* tensors
-    in two safetensors shards, a Llama-3.1-style tokenizer; the CLIP tower in its own folder."""
-    torch.manual_seed(0)
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SPECIAL + WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
-                                        eos_token="<|eot_id|>", unk_token="<unk>")
-    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL[1:4]})
-    tokenizer.chat_template = LLAMA31_CHAT_TEMPLATE
-    llama_cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=1,
-                            rope_theta=500000.0, tie_word_embeddings=False)
-    lm = LlamaForCausalLM(llama_cfg)
-    vision_cfg = CLIPVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-                                  image_size=28, patch_size=14, projection_dim=16)
-    clip = CLIPModel(CLIPConfig(text_config=CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                           num_attention_heads=2, projection_dim=16).to_dict(),
-                                vision_config=vision_cfg.to_dict(), projection_dim=16))
-    projector = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.GELU(), torch.nn.Linear(32, 32))
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """One paper-mini world (the tower outside the checkpoint, CLIP as safetensors)."""
+    return paper_mini.build(tmp_path_factory.mktemp("release"), n_images={"val2014": 2})["resources"]
 
-    ckpt, tower = root / "llava-more", root / "clip-vit"
-    ckpt.mkdir()
-    weights = {**lm.state_dict(), **{f"model.mm_projector.{k}": v for k, v in projector.state_dict().items()}}
-    names = sorted(weights)
-    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
-        save_file({k: weights[k].contiguous() for k in part}, ckpt / f"model-{i + 1:05d}-of-00002.safetensors")
-    cfg = {**llama_cfg.to_dict(), "model_type": "llava_llama", "architectures": ["LlavaLlamaForCausalLM"],
-           "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
-           "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_hidden_size": 24,
-           "image_aspect_ratio": "pad", "mm_use_im_start_end": False, "mm_use_im_patch_token": False}
-    (ckpt / "config.json").write_text(json.dumps(cfg))
-    tokenizer.save_pretrained(ckpt)
-    clip.save_pretrained(tower)
-    CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(tower)
-    return ckpt, tower, lm.eval(), clip.vision_model.eval(), projector.eval(), tokenizer
+
+def _original_parts(res):
+    """LLaVA's own pieces, read straight from the original files (not through the converter)."""
+    ckpt, tower = res / "llava_more" / "original", res / CLIP_DIR
+    cfg = json.loads((ckpt / "config.json").read_text())
+    weights = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        weights |= {k: v.float() for k, v in load_file(f).items()}
+    text = {k: v for k, v in cfg.items() if not k.startswith(("mm_", "image_", "tune_", "freeze_", "unfreeze_",
+                                                             "tokenizer_", "use_mm_proj"))}
+    lm = LlamaForCausalLM(LlamaConfig(**{**text, "model_type": "llama"}))
+    lm.load_state_dict({k: v for k, v in weights.items() if not k.startswith(("model.mm_", "model.vision_tower"))})
+    proj = torch.nn.Sequential(torch.nn.Linear(cfg["mm_hidden_size"], cfg["hidden_size"]), torch.nn.GELU(),
+                               torch.nn.Linear(cfg["hidden_size"], cfg["hidden_size"]))
+    proj.load_state_dict({k[len("model.mm_projector."):]: v for k, v in weights.items() if k.startswith("model.mm_")})
+    clip = CLIPModel.from_pretrained(tower, use_safetensors=(tower / "model.safetensors").exists())
+    return lm.eval(), clip.vision_model.float().eval(), proj.eval(), CLIPImageProcessorPil.from_pretrained(tower)
+
+
+def _image(res) -> Image.Image:
+    image = Image.open(sorted((res / "coco" / "val2014").glob("*.jpg"))[0]).convert("RGB")
+    assert image.width != image.height  # COCO images are not square: the padding matters
+    return image
 
 
 def _llava_reference(lm, vision, projector, tokenizer, image_processor, image, question):
@@ -73,46 +62,62 @@ def _llava_reference(lm, vision, projector, tokenizer, image_processor, image, q
     return lm(inputs_embeds=torch.cat([embed(ids[0]), feats, embed(ids[1])], 1)).logits
 
 
+@pytest.mark.parametrize("tower_in_checkpoint,clip_bin", [(False, False), (True, False), (False, True)])
 @torch.no_grad()
-def test_converted_llava_more_gives_the_original_logits(tmp_path):
-    ckpt, tower, lm, vision, projector, tokenizer = _original_checkpoint(tmp_path)
-    out = tmp_path / "hf"
-    convert_llava(ckpt, tower, out, dtype="float32")
-
-    model, processor = load_vlm(out, pad_to_square=True)
-    image = Image.fromarray((torch.rand(20, 36, 3) * 255).byte().numpy())  # not square: padding matters
-    question = "<image> what is left of the red square ?"
-    b = encode_batch(processor, [image], [chat_prompt(processor, question)])
+def test_release_layout_converts_to_the_original_logits(tmp_path, tower_in_checkpoint, clip_bin):
+    """llava_llama config with rope_scaling llama3 and GQA, sharded safetensors with an index, a
+    Llama-3.1 tokenizer; the tower in the checkpoint or not; CLIP as safetensors or .bin only."""
+    res = paper_mini.build(tmp_path, tower_in_checkpoint=tower_in_checkpoint, clip_bin=clip_bin,
+                           n_images={"val2014": 2})["resources"]
+    convert_llava(res / "llava_more" / "original", res / CLIP_DIR, tmp_path / "hf", "float32")
+    model, processor = load_vlm(tmp_path / "hf", pad_to_square=True)
+    assert model.config.text_config.rope_parameters["rope_type"] == "llama3"
+    assert model.config.text_config.num_key_value_heads == 2 and model.config.image_seq_length == 576
+    image = _image(res)
+    b = encode_batch(processor, [image], [chat_prompt(processor, QUESTION)])
+    lm, vision, proj, image_processor = _original_parts(res)
     got = model(**b).logits[..., : lm.config.vocab_size]
-    # the same conversation (LLaVA-MORE's system turn included) through LLaVA's recipe
-    want = _llava_reference(lm, vision, projector, processor.tokenizer, CLIPImageProcessorPil.from_pretrained(tower),
-                            image, question)
-    assert got.shape == want.shape
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    # the added <image> row is the mean embedding, not noise; the model is plain HF Llava
+    want = _llava_reference(lm, vision, proj, processor.tokenizer, image_processor, image, QUESTION)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # the added <image> row is the mean embedding, not noise
     emb = model.get_input_embeddings().weight
     torch.testing.assert_close(emb[processor.tokenizer.convert_tokens_to_ids("<image>")], emb[:-1].mean(0))
-    assert model.config.image_seq_length == 4 and model.config.vision_feature_layer == -2
 
 
-def test_unpadded_preprocessing_is_a_different_model_input(tmp_path):
+def test_unpadded_preprocessing_is_a_different_model_input(release, tmp_path):
     """The check above is sensitive to the padding: without it the logits move."""
-    ckpt, tower, lm, vision, projector, tokenizer = _original_checkpoint(tmp_path)
-    convert_llava(ckpt, tower, tmp_path / "hf", dtype="float32")
+    convert_llava(release / "llava_more" / "original", release / CLIP_DIR, tmp_path / "hf", dtype="float32")
     model, processor = load_vlm(tmp_path / "hf", pad_to_square=False)
-    image = Image.fromarray((torch.rand(20, 36, 3) * 255).byte().numpy())
-    b = encode_batch(processor, [image], [chat_prompt(processor, "<image> describe image")])
+    image = _image(release)
+    b = encode_batch(processor, [image], [chat_prompt(processor, QUESTION)])
+    lm, vision, proj, image_processor = _original_parts(release)
     with torch.no_grad():
         got = model(**b).logits[..., : lm.config.vocab_size]
-        want = _llava_reference(lm, vision, projector, processor.tokenizer,
-                                CLIPImageProcessorPil.from_pretrained(tower), image, "<image> describe image")
+        want = _llava_reference(lm, vision, proj, processor.tokenizer, image_processor, image, QUESTION)
     assert not torch.allclose(got, want, atol=1e-4)
+
+
+def test_prompt_is_llava_more_llama_3_1_conversation(release, tmp_path):
+    """The converted processor renders LLaVA-MORE's conv_llava_llama_3_1: its system message in
+    Llama 3.1's system block (knowledge cut-off and date lines first), the user turn, and the
+    assistant header that training ends each instruction with. Built here from the format itself."""
+    convert_llava(release / "llava_more" / "original", release / CLIP_DIR, tmp_path / "hf")
+    _, processor = load_vlm(tmp_path / "hf")
+    system = ("You are a helpful language and vision assistant. You are able to understand the visual content "
+              "that the user provides, and assist the user with a variety of tasks using natural language.")
+    want = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+            "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n" + system + "<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\n" + QUESTION + "<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert chat_prompt(processor, QUESTION) == want
+    assert processor.tokenizer.pad_token == "<|finetune_right_pad_id|>"  # a reserved Llama 3 token
 
 
 @pytest.mark.parametrize("key,value", [("mm_projector_type", "linear"), ("mm_vision_select_layer", -1),
                                        ("model_type", "llava_mistral")])
 def test_unsupported_checkpoints_are_refused_by_name(tmp_path, key, value):
-    ckpt, tower, *_ = _original_checkpoint(tmp_path)
+    res = paper_mini.build(tmp_path, n_images={"val2014": 1})["resources"]
+    ckpt, tower = res / "llava_more" / "original", res / CLIP_DIR
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg[key] = value
     (ckpt / "config.json").write_text(json.dumps(cfg))
@@ -121,8 +126,9 @@ def test_unsupported_checkpoints_are_refused_by_name(tmp_path, key, value):
     assert not (tmp_path / "hf").exists()
 
 
-def test_pickled_weights_are_not_loaded(tmp_path):
-    ckpt, tower, *_ = _original_checkpoint(tmp_path)
+def test_pickled_checkpoint_weights_are_not_loaded(tmp_path):
+    res = paper_mini.build(tmp_path, n_images={"val2014": 1})["resources"]
+    ckpt, tower = res / "llava_more" / "original", res / CLIP_DIR
     for f in ckpt.glob("*.safetensors"):
         f.rename(f.with_suffix(".bin"))
     with pytest.raises(FileNotFoundError, match="safetensors"):
