@@ -109,3 +109,23 @@ def test_unknown_act_fn_is_refused_by_name(tmp_path):
     (tmp_path / "hyperparams.json").write_text(json.dumps({**hp, "act_fn": "relu"}))
     with pytest.raises(ValueError, match="hyperparams.json: unsupported act_fn 'relu'"):
         load_llama_scope(tmp_path)
+
+
+def test_jumprelu_form_gates_at_the_released_threshold(tmp_path):
+    """base_sae.form jumprelu: latent i is active where n_i·relu(pre_i)/s > θ, as lm_saes' folded
+    inference form; the count per token varies, and the reconstruction sums the open latents."""
+    from stagediff.sae.metrics import evaluate
+
+    g = torch.Generator().manual_seed(3)
+    sae = TopKSAE.random_init(8, 32, 3, scale=2.0, generator=g)
+    x = torch.randn(40, 8, generator=g)
+    theta = jump_relu_threshold(sae, x)
+    save_llama_scope(sae, tmp_path, layer=0, lm_config={}, threshold=theta)
+    jr = load_llama_scope(tmp_path, form="jumprelu")
+    v, _ = jr.encode(x)
+    pre = (x * 2.0) @ sae.W_enc.T + sae.b_enc
+    open_ = pre.relu() * sae.W_dec.norm(dim=1) / 2.0 > theta
+    assert torch.equal(v > 0, open_) and len(set((v > 0).sum(1).tolist())) > 1
+    want = ((pre.relu() * open_) @ sae.W_dec + sae.b_dec) / 2.0
+    torch.testing.assert_close(jr(x), want, rtol=1e-5, atol=1e-5)
+    assert evaluate(jr, [x]).summary()["l0"] == pytest.approx(open_.sum().item() / 40)

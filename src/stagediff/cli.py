@@ -144,7 +144,8 @@ def cmd_sae_evaluate(a) -> None:
 
     p = _params(a.params)
     regimes = dict(zip(p["sae_finetune"]["regimes"], a.saes))
-    write_parquet(evaluate_layer(a.cache, a.layer, a.base_sae, p["sae_finetune"]["top_k"], regimes), a.out)
+    write_parquet(evaluate_layer(a.cache, a.layer, a.base_sae, p["sae_finetune"]["top_k"], regimes, a.base_form),
+                  a.out)
 
 
 def cmd_concat_tables(a) -> None:
@@ -486,6 +487,8 @@ COMMANDS = {
     "sae-evaluate": (cmd_sae_evaluate, "held-out FVU/L0/dead per regime x modality for one layer (Parquet)",
                      ["--params", "--cache", "--base-sae", ("--layer", {"type": int, "required": True}),
                       ("--saes", {"nargs": "+", "required": True, "help": "one SAE folder per regime, config order"}),
+                      ("--base-form", {"choices": ["topk", "jumprelu"], "default": "topk",
+                                       "help": "base rows: the paper's TopK or the release's JumpReLU"}),
                       "--out"]),
     "concat-tables": (cmd_concat_tables, "stack per-layer Parquet tables into one",
                       [("tables", {"nargs": "+"}), "--out"]),
@@ -553,8 +556,14 @@ def main(argv: list[str] | None = None) -> None:
             s.add_argument(opt_name, **kw)
 
     a = ap.parse_args(argv)
+    err = sys.stderr
+    if a.log:  # everything a job prints (warnings, progress bars, C++ messages) goes to its log, as
+        # `2> log` did; the terminal keeps only a failure's one line
+        err = os.fdopen(os.dup(2), "w")
+        sys.stderr.flush()
+        os.dup2(os.open(a.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), 2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        **({"filename": a.log} if a.log else {"stream": sys.stderr}))
+                        stream=sys.stderr)
     # Where the job ran, first in every rule log: on a cluster this says which SLURM job and which
     # GPUs (CUDA_VISIBLE_DEVICES) it was given.
     log.info("stagediff %s on %s (SLURM job %s, CUDA_VISIBLE_DEVICES=%s)", a.cmd, platform.node(),
@@ -564,7 +573,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # noqa: BLE001 - every failure ends the same way: traceback logged, one line out
         log.error("stagediff %s failed", a.cmd, exc_info=True)
         print(f"stagediff {a.cmd}: error: {one_line(e)}" + (f" (traceback in {a.log})" if a.log else ""),
-              file=sys.stderr)
+              file=err, flush=True)
         sys.exit(1)
 
 

@@ -166,7 +166,7 @@ def resolve_world(config: dict) -> None:
     config["visual"]["questions"] = f"{d}/clean_questions.json"
     config.setdefault("model", {})
     config["model"].update({"vlm": f"{root}/vlm", "n_layers": config["toy"]["base_lm"]["n_layers"]})
-    config["base_sae"] = {"path": root + "/llama_scope/L{layer}R-8x"}
+    config["base_sae"] = {**config["base_sae"], "path": root + "/llama_scope/L{layer}R-8x"}
 
 
 def _check_paths(config: dict, source: str) -> None:

@@ -33,6 +33,7 @@ rule sae_evaluate:
         f"{OUT}/sae_eval/L{{layer}}.parquet",
     params:
         p=sae_finetune_params,
+        base_form=config["base_sae"]["form"],
     log:
         f"{LOGS}/sae_evaluate/L{{layer}}.log",
     threads: 2
@@ -42,7 +43,7 @@ rule sae_evaluate:
         ENV
     shell:
         "stagediff sae-evaluate --params {params.p:q} --cache {input.cache} --base-sae {input.base_sae}"
-        " --layer {wildcards.layer} --saes {input.saes} --out {output} --log {log}"
+        " --base-form {params.base_form} --layer {wildcards.layer} --saes {input.saes} --out {output} --log {log}"
 
 
 rule sae_fvu_table:

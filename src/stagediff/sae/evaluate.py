@@ -19,9 +19,11 @@ COLUMNS = ["layer", "regime", "modality", "n_tokens", "fvu", "l0", "dead_fractio
 
 
 def evaluate_layer(store_path: str | Path, layer: int, base_sae: str | Path, k: int,
-                   regime_dirs: dict[str, str | Path]) -> pd.DataFrame:
+                   regime_dirs: dict[str, str | Path], base_form: str = "topk") -> pd.DataFrame:
+    """``base_form``: the base rows' encoder, TopK-k (the paper) or the release's JumpReLU."""
     store = ActivationStore(store_path)
-    saes = {"base": load_llama_scope(base_sae, k=k), **{r: load_sae(d) for r, d in regime_dirs.items()}}
+    saes = {"base": load_llama_scope(base_sae, k=k, form=base_form),
+            **{r: load_sae(d) for r, d in regime_dirs.items()}}
     rows = []
     for regime, sae in saes.items():
         per = {m: evaluate(sae, heldout_batches(store, (m,), None)) for m in ("text", "image")}

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from stagediff.sae.jumprelu import JumpReLUSAE
 from stagediff.sae.topk import TopKSAE
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,10 @@ def save_llama_scope(sae: TopKSAE, folder: str | Path, layer: int, lm_config: di
     (folder / "lm_config.json").write_text(json.dumps(lm_config, indent=2))
 
 
-def load_llama_scope(folder: str | Path, k: int | None = None, dtype: torch.dtype = torch.float32) -> TopKSAE:
-    """A Llama Scope folder as a TopK SAE (k from ``top_k`` unless given, as the paper's k=50)."""
+def load_llama_scope(folder: str | Path, k: int | None = None, dtype: torch.dtype = torch.float32,
+                     form: str = "topk") -> TopKSAE:
+    """A Llama Scope folder as a TopK SAE (k from ``top_k`` unless given, as the paper's k=50), or
+    with ``form="jumprelu"`` in the release's own JumpReLU form (its ``jump_relu_threshold``)."""
     folder = Path(folder)
     hp_path, w_path = folder / "hyperparams.json", folder / WEIGHTS
     for p in (hp_path, w_path):
@@ -72,8 +75,12 @@ def load_llama_scope(folder: str | Path, k: int | None = None, dtype: torch.dtyp
         raise ValueError(f"{hp_path}: act_fn jumprelu without jump_relu_threshold")
     if act not in ("jumprelu", "topk"):
         raise ValueError(f"{hp_path}: unsupported act_fn {act!r} (Llama Scope releases are jumprelu or topk)")
-    log.info("%s: act_fn %s%s -> TopK-%d (the paper re-instantiates Llama Scope as TopK)", folder, act,
-             f" (jump_relu_threshold {hp['jump_relu_threshold']})" if act == "jumprelu" else "", k or hp["top_k"])
+    if form == "jumprelu" and act != "jumprelu":
+        raise ValueError(f"{hp_path}: base_sae.form jumprelu needs act_fn jumprelu, got {act!r}")
+    log.info("%s: act_fn %s%s -> %s", folder, act,
+             f" (jump_relu_threshold {hp['jump_relu_threshold']})" if act == "jumprelu" else "",
+             "JumpReLU as released" if form == "jumprelu"
+             else f"TopK-{k or hp['top_k']} (the paper re-instantiates Llama Scope as TopK)")
     if hp.get("norm_activation") not in ("dataset-wise", "inference"):
         raise ValueError(f"{hp_path}: unsupported norm_activation {hp.get('norm_activation')!r}")
     norm = hp["dataset_average_activation_norm"]
@@ -81,8 +88,9 @@ def load_llama_scope(folder: str | Path, k: int | None = None, dtype: torch.dtyp
         raise ValueError(f"{hp_path}: in/out norms differ; only residual (R) SAEs are supported")
     scale = math.sqrt(hp["d_model"]) / norm["in"] if hp["norm_activation"] == "dataset-wise" else 1.0
     w = load_file(w_path)
-    sae = TopKSAE(hp["d_model"], hp["d_sae"], k or hp["top_k"], scale,
-                  rank_by_decoder_norm=hp.get("sparsity_include_decoder_norm", False))
+    sae = (JumpReLUSAE(hp["d_model"], hp["d_sae"], hp["jump_relu_threshold"], scale) if form == "jumprelu" else
+           TopKSAE(hp["d_model"], hp["d_sae"], k or hp["top_k"], scale,
+                   rank_by_decoder_norm=hp.get("sparsity_include_decoder_norm", False)))
     expected = {"encoder.weight": (hp["d_sae"], hp["d_model"]), "decoder.weight": (hp["d_model"], hp["d_sae"])}
     for key, shape in expected.items():
         if tuple(w[key].shape) != shape:
