@@ -353,10 +353,10 @@ def cmd_patching_layer(a) -> None:
 
 
 def cmd_ablation_layer(a) -> None:
-    import numpy as np
     import pandas as pd
 
     from stagediff.data.items import vqa_items, vsr_items
+    from stagediff.data.vqav2 import subsample
     from stagediff.io import write_parquet
     from stagediff.patching.ablation import ablation_layer
     from stagediff.sae.finetune import load_sae
@@ -370,10 +370,8 @@ def cmd_ablation_layer(a) -> None:
     model, processor = _world(p)
     vsr_pool = vsr_items(p["data"], ab["pool_split"], p["prompts"])
     vsr_eval = vsr_items(p["data"], ab["split"], p["prompts"])
-    yes_no = [it for it in vqa_items(p["data"], ab["split"], p["prompts"], p["question_splits"])
-              if it.answer_type == "yes/no"]
-    rng = np.random.default_rng(p["seed"])  # a seeded draw, not the first N by question id
-    yes_no = [yes_no[i] for i in np.sort(rng.permutation(len(yes_no))[: ab["max_vqa"]])]
+    yes_no = subsample([it for it in vqa_items(p["data"], ab["split"], p["prompts"], p["question_splits"])
+                        if it.answer_type == "yes/no"], ab["max_vqa"], p["seed"])  # seeded, not the first N
     rows = ablation_layer(model, processor, load_sae(a.sae), a.layer, selected, vsr_pool, vsr_eval, yes_no, ab)
     write_parquet(rows, a.out)
 

@@ -74,9 +74,7 @@ def vsr_items(data: dict, split: str, prompts: dict, n: int | None = None, seed:
     v = data["vsr"]
     out = []
     samples = load_vsr(Path(v["root"]) / f"{v['splits'][split]}.jsonl", v["images"])
-    if n is not None and n < len(samples):
-        samples = [samples[i] for i in np.sort(np.random.default_rng(seed).choice(len(samples), n, replace=False))]
-    for s in samples:
+    for s in subsample(samples, n, seed):
         ans = "true" if s.label else "false"
         out.append(Item(10**9 * (SPLIT_CODES[split] + 1) + s.index, s.image_path,
                         prompts["vsr"].format(caption=s.caption), ans, (ans,) * 10, "vsr", "yes/no", split,

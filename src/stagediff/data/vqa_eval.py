@@ -69,14 +69,18 @@ def process_digit_article(text: str) -> str:
     return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
 
 
+def _clean(answer: str) -> str:
+    """Newlines and tabs as spaces, stripped: done to both sides before anything else."""
+    return answer.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_prediction(answer: str) -> str:
-    answer = answer.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(answer))
+    return process_digit_article(process_punctuation(_clean(answer)))
 
 
 def vqa_accuracy(prediction: str, answers: tuple[str, ...] | list[str]) -> float:
     """Official VQA accuracy of one prediction against the ten annotator answers."""
-    gts = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
+    gts = [_clean(a) for a in answers]
     if not gts:
         return 0.0
     if len(set(gts)) > 1:

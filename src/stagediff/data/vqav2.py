@@ -78,8 +78,8 @@ def load_vqav2(root: str | Path, subtype: str, image_dir: str | Path,
     return out
 
 
-def subsample(samples: list[VQASample], n: int | None, seed: int) -> list[VQASample]:
-    """The paper's "50k VQAv2 samples": a seeded draw, returned in question-id order."""
+def subsample(samples: list, n: int | None, seed: int) -> list:
+    """The paper's "50k VQAv2 samples", and every other cap: a seeded draw of n, in the input order."""
     if n is None or n >= len(samples):
         return list(samples)
     idx = np.sort(np.random.default_rng(seed).choice(len(samples), size=n, replace=False))

@@ -32,7 +32,7 @@ from stagediff.data.items import Item
 from stagediff.data.vqa_eval import vqa_accuracy
 from stagediff.io import markdown_table
 from stagediff.models.vlm import decoder_layers, first_token, iter_batches, next_token_probs, to_model, token_masks
-from stagediff.patching.attribution import unit_direction
+from stagediff.patching.attribution import unit_direction, widen
 
 
 @contextlib.contextmanager
@@ -47,7 +47,7 @@ def ablate_direction(model, layer: int, v: torch.Tensor | None, text_mask: torch
         y = out[0] if isinstance(out, tuple) else out
         # the projection in (at least) float32, so a bf16 residual keeps no component along v
         # beyond the final rounding; v and the mask follow the residual's device
-        wide = y.to(torch.promote_types(y.dtype, torch.float32))
+        wide = widen(y)
         u = v.to(wide)
         wide = wide - (wide @ u)[..., None] * u * text_mask.to(wide)[..., None]
         y = wide.to(y.dtype)

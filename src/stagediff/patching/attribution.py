@@ -28,7 +28,7 @@ def unit_direction(sae, feature: int) -> torch.Tensor:
     return w / w.norm()
 
 
-def _wide(t: torch.Tensor) -> torch.Tensor:
+def widen(t: torch.Tensor) -> torch.Tensor:
     """At least float32: a bf16 model's tensors meet fp32 directions; a float64 test model stays float64."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
@@ -37,7 +37,6 @@ def _run(model, batch: dict, layer: int, v: torch.Tensor, positions: str, patch:
          grad: bool = True):
     """One forward to layer L: (J per sample [batch], head views, their gradients or None)."""
     _, text = token_masks(batch, model)
-    # J in float32 whatever the model's dtype (bf16 residual, fp32 direction)
     mask = (text if positions == "text" else batch["attention_mask"].bool())
     layers = list(range(layer + 1))
     with torch.enable_grad() if grad else torch.no_grad():
@@ -46,7 +45,7 @@ def _run(model, batch: dict, layer: int, v: torch.Tensor, positions: str, patch:
                 model(**batch, use_cache=False)
             except StopForward:  # nothing after layer L can change J
                 pass
-        r = _wide(resid[layer])
+        r = widen(resid[layer])  # J in (at least) float32 whatever the model's dtype
         mask = mask.to(r.dtype)
         j = ((r @ v.to(r)) * mask).sum(1) / mask.sum(1).clamp(min=1)
         grads = None
@@ -60,7 +59,7 @@ def _run(model, batch: dict, layer: int, v: torch.Tensor, positions: str, patch:
 def per_head(x: torch.Tensor, model, view: str) -> torch.Tensor:
     """[batch, seq, heads·d] summed over positions and head dims -> [batch, heads] (at least float32)."""
     b, t, _ = x.shape
-    return _wide(x).reshape(b, t, n_heads(model, view), head_dim(model)).sum(dim=(1, 3))
+    return widen(x).reshape(b, t, n_heads(model, view), head_dim(model)).sum(dim=(1, 3))
 
 
 def attribution(model, batch: dict, layer: int, v: torch.Tensor, mean: torch.Tensor, positions: str) -> dict:
@@ -70,9 +69,9 @@ def attribution(model, batch: dict, layer: int, v: torch.Tensor, mean: torch.Ten
         j_corr, corr, g_corr = _run(model, batch, layer, v, positions)
     out = {"j_clean": j_clean, "j_corr": j_corr, "method_a": {}, "method_b": {}}
     for k in clean:
-        diff = _wide(corr[k]) - _wide(clean[k])
-        out["method_a"][k] = per_head(diff * _wide(g_clean[k]), model, k[1])
-        out["method_b"][k] = per_head(-diff * _wide(g_corr[k]), model, k[1])
+        diff = widen(corr[k]) - widen(clean[k])
+        out["method_a"][k] = per_head(diff * widen(g_clean[k]), model, k[1])
+        out["method_b"][k] = per_head(-diff * widen(g_corr[k]), model, k[1])
     return out
 
 
