@@ -18,9 +18,10 @@ include: "workflow/rules/convert.smk"
 include: "workflow/rules/cache.smk"
 include: "workflow/rules/sae.smk"
 include: "workflow/rules/diff.smk"
+include: "workflow/rules/visual.smk"
+include: "workflow/rules/study.smk"
 include: "workflow/rules/autointerp.smk"
 include: "workflow/rules/patching.smk"
-include: "workflow/rules/visual.smk"
 
 
 rule all:

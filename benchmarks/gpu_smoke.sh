@@ -38,3 +38,10 @@ PYTHONPATH="$REPO/src" "$PY" -c "
 import pandas as pd, pathlib
 for t in sorted(pathlib.Path('$OUT/results/llava_more/tables').glob('*.parquet')):
     print(f'{t.stem:28s} {len(pd.read_parquet(t)):6d} rows')"
+# paper-shape throughput on this GPU (issue [I]): SAE fine-tuning at d_model 4096, d_sae 32768, k 50,
+# batch 4096 (tokens/s and the share of the TF32 peak), and the stream from the node's disk
+PYTHONPATH="$REPO/src" "$PY" "$REPO/benchmarks/bench_sae_train.py" --device cuda --d-model 4096 --expansion 8 \
+    --k 50 --batch-size 4096 --steps 20 --repeats 3 --only stagediff
+PYTHONPATH="$REPO/src" "$PY" "$REPO/benchmarks/bench_stream.py" --device cuda --d-model 4096 --d-sae 32768 --k 50 \
+    --tokens 2000000 --buffer-tokens 1000000 --chunk-rows 256 --chunks-per-shard 64 --read-chunks 16 \
+    --repeats 2 --dir "$OUT"

@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny toy world built through the real code (no hub, no downloads)."""
 from __future__ import annotations
 
+import csv
+import io
 import os
 import shutil
 import subprocess
@@ -27,6 +29,26 @@ def run_smk(*args, cwd, check=True):
     return r
 
 
+def summary(configfile: str, cwd) -> dict[str, str]:
+    """output file -> Snakemake's plan for it ("no update", "update pending", ...)."""
+    out = run_smk("--summary", "--configfile", configfile, cwd=cwd).stdout
+    rows = csv.DictReader(io.StringIO(out[out.index("output_file"):]), delimiter="\t")
+    return {r["output_file"]: r["plan"] for r in rows}
+
+
+def stale_after(configfile: str, cwd, edit) -> set[str]:
+    """The outputs a config edit would make stale (the config is restored afterwards)."""
+    path = Path(cwd) / configfile
+    text = path.read_text()
+    changed = yaml.safe_load(text)
+    edit(changed)
+    path.write_text(yaml.safe_dump(changed))
+    try:
+        return {f for f, plan in summary(configfile, cwd).items() if plan != "no update"}
+    finally:
+        path.write_text(text)
+
+
 @pytest.fixture
 def workdir(tmp_path):
     """A copy of the workflow to run Snakemake in."""
@@ -51,7 +73,7 @@ def tiny_world(tmp_path_factory):
     t = cfg["toy"]
     generate_toy_world(root / "data", t["data"], cfg["seed"])
     train_base_lm(root / "data" / "corpus.txt", root / "base_lm", t["base_lm"], cfg["seed"])
-    train_toy_vlm(root / "base_lm", cfg["data"], cfg["prompts"], cfg["question_splits"], root / "vlm",
+    train_toy_vlm(root / "base_lm", cfg["data"], cfg["prompts"], root / "vlm",
                   t["vlm"], t["data"]["image_size"], cfg["seed"])
     return cfg
 

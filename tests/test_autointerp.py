@@ -16,11 +16,13 @@ from PIL import Image
 from stagediff import config as sdc
 from stagediff.autointerp import offline
 from stagediff.autointerp.describe import describe_layer, scores
-from stagediff.autointerp.examples import feature_examples
+from stagediff.autointerp.examples import feature_examples, layer_examples
 from stagediff.autointerp.llm import LLMClient, Usage
 from stagediff.autointerp.prompts import DESCRIBE_SCHEMA
-from stagediff.data.items import Item
-from stagediff.sae.finetune import save_sae
+from stagediff.data.items import Item, vqa_items, vsr_items
+from stagediff.io import write_json
+from stagediff.models.vlm import load_vlm
+from stagediff.sae.finetune import load_sae, save_sae
 from stagediff.sae.topk import TopKSAE
 from tests.conftest import tiny_config
 from tests.llm_server import LLMServer
@@ -203,28 +205,28 @@ def test_openai_backend_end_to_end_on_the_tiny_vlm_and_the_key_is_written_nowher
         ai = openai_cfg(srv.url)
         ai["cache_dir"] = str(tmp_path / "llm_cache")
         ai["pool"] = {"split": "val", "vqa": 40, "vsr": 10}
-        # what the examples and describe rules pass (one dict serves both here)
-        params = sdc.dumps({"autointerp": ai, "seed": 0, "device": "cpu", "pad_to_square": cfg["model"]["pad_to_square"],
-                            **{k: cfg[k] for k in ("data", "prompts", "question_splits", "model")}})
+        # the examples as the layer's VLM job writes them (examples never see the key)...
+        items = (vqa_items(cfg["data"], "val", cfg["prompts"], cfg["question_splits"], 40, 0)
+                 + vsr_items(cfg["data"], "val", cfg["prompts"], 10, 0))
+        model, processor = load_vlm(cfg["model"]["vlm"], dtype="bfloat16")
+        write_json(layer_examples(model, processor, load_sae(sae_dir), layer, selected, items, ai, 0),
+                   tmp_path / "ex.json")
+        # ...and the describe job run twice through the CLI, as its rule runs it
+        params = sdc.dumps({"autointerp": ai, "seed": 0, "pad_to_square": cfg["model"]["pad_to_square"]})
         env = {**os.environ, "STAGEDIFF_TEST_KEY": KEY}
         cli = [sys.executable, "-m", "stagediff.cli"]
         logs = []
         for run in range(2):
-            r1 = subprocess.run(cli + ["autointerp-examples", "--params", params, "--sae", str(sae_dir), "--selected",
-                                       str(tmp_path / "selected.parquet"), "--layer", str(layer), "--out",
-                                       str(tmp_path / f"ex{run}.json")], env=env, capture_output=True, text=True)
-            assert r1.returncode == 0, r1.stderr
-            r2 = subprocess.run(cli + ["autointerp-describe", "--params", params, "--examples",
-                                       str(tmp_path / f"ex{run}.json"), "--out-dir", str(tmp_path / f"L{run}"),
-                                       "--summary", str(tmp_path / f"s{run}.parquet")], env=env, capture_output=True,
-                                text=True)
-            assert r2.returncode == 0, r2.stderr
-            logs += [r1.stderr, r2.stderr]
+            r = subprocess.run(cli + ["autointerp-describe", "--params", params, "--examples", str(tmp_path / "ex.json"),
+                                      "--out-dir", str(tmp_path / f"L{run}"), "--summary", str(tmp_path / f"s{run}.parquet")],
+                               env=env, capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr
+            logs.append(r.stderr)
             if run == 0:
                 n_first = len(srv.requests)
         n_total = len(srv.requests)
         auth = {r["headers"].get("authorization") for r in srv.requests}
-    ex = json.loads((tmp_path / "ex0.json").read_text())
+    ex = json.loads((tmp_path / "ex.json").read_text())
     assert [f["feature"] for f in ex["features"]] == [0, 3] and all(f["top"] for f in ex["features"])
     assert all(len({e["image"] for e in f["top"]}) == len(f["top"]) for f in ex["features"])
     s = pd.read_parquet(tmp_path / "s0.parquet")

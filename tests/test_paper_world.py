@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tests import paper_mini
-from tests.conftest import run_smk
+from tests.conftest import run_smk, stale_after
 from tests.llm_server import LLMServer
 
 
@@ -58,6 +58,16 @@ def test_paper_world_dag_runs_every_rule_in_bfloat16(workdir, monkeypatch):
     assert tables["sae_fvu"].fvu.notna().all()
     assert (tables["autointerp"].backend == "openai").all() and (tables["autointerp"].status == "ok").all()
     assert set(tables["vlm_accuracy"].family) >= {"general", "vsr"}
+    acts = res / "activations" / "vqav2"
+    for layer in cfg["layers"]:  # the train stores went once the layer's SAEs were trained
+        assert (acts / f"L{layer}.zarr").is_dir() and not (acts / f"L{layer}_train.zarr").exists()
+    # params hold what a job computes, nothing else: where it runs and the question keywords are
+    # not what the cache and the SAEs compute
+    assert stale_after("paper_mini.yaml", workdir, lambda c: c.update(device="cpu")) == set()
+    keywords = stale_after("paper_mini.yaml", workdir, lambda c: c["question_splits"]["ocr"].append("menu"))
+    untouched = {f"{res.relative_to(workdir)}/{p}" for layer in cfg["layers"]
+                 for p in (f"activations/vqav2/L{layer}.zarr", *(f"saes/L{layer}/{r}" for r in cfg["sae_finetune"]["regimes"]))}
+    assert f"{res.relative_to(workdir)}/shift/L{cfg['layers'][0]}.parquet" in keywords and not keywords & untouched
     shutil.rmtree(workdir / "resources")  # the test's world is large; keep tmp small
 
 

@@ -2,6 +2,7 @@
 files: the full 32-layer DAG from Snakemake's dry run, and the cache size the issue quotes."""
 import json
 
+import pytest
 import yaml
 
 from stagediff.cli import main
@@ -14,8 +15,7 @@ LLAMA31_8B = {"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size":
               "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2}
 CLIP_L_336 = {"model_type": "clip", "vision_config": {"hidden_size": 1024, "num_hidden_layers": 24,
                                                       "intermediate_size": 4096, "image_size": 336, "patch_size": 14}}
-PER_LAYER = ["sae_evaluate", "diff_layer", "shift_layer", "neutral_layer", "autointerp_examples",
-             "autointerp_describe", "patching_layer", "ablation_layer"]
+PER_LAYER = ["sae_evaluate", "diff_layer", "shift_layer", "study_layer", "autointerp_describe"]
 
 
 def _paper_config(tmp_path):
@@ -32,16 +32,54 @@ def _paper_config(tmp_path):
 def test_paper_plan_counts_the_full_dag_and_the_cache_size(tmp_path):
     p = plan(_paper_config(tmp_path))
     jobs = p["jobs"]
-    assert jobs["sae_finetune"] == 32 * 4 and jobs["convert_llava"] == 1
-    assert sorted(k for k in jobs if k.startswith("cache_activations_g")) == [f"cache_activations_g{i}" for i in range(4)]
+    assert jobs["sae_finetune"] == 32 * 4 and jobs["convert_llava"] == 1 and jobs["neutral"] == 1
+    assert sorted(k for k in jobs if k.startswith("cache_activations_g")) == ["cache_activations_g0"]  # all layers
     assert all(jobs[rule] == 32 for rule in PER_LAYER), {r: jobs.get(r) for r in PER_LAYER}
     train = p["disk"]["train"]  # 50k VQAv2 questions, 576 image + 20 text tokens, bf16
     assert train["samples"] == 50_000
     assert 240 < train["all_tokens_gb"] < 250 and 7.5 < train["text_tokens_gb"] < 9
+    assert p["disk_total_gb"] == pytest.approx(32 * (train["all_tokens_gb"] + p["disk"]["val"]["all_tokens_gb"]))
     assert p["gpu_hours"]["sae_finetune"] > 0 and p["arch"].image_tokens == 576
 
 
+def test_paper_plan_model_loads_cache_passes_and_memory_by_hand(tmp_path):
+    p = plan(_paper_config(tmp_path))
+    # by hand: convert 1, cache 1 (all layers), vlm_accuracy 1, visual_tokens 1, neutral 1, study_layer 32
+    assert p["model_loads"] == 1 + 1 + 1 + 1 + 1 + 32
+    assert p["cache_passes"] == 1.0
+    val = p["disk"]["val"]["all_tokens_gb"]
+    assert p["disk_kept_gb"] == pytest.approx(32 * val)  # train stores are deleted (cache.keep_train false)
+    # SAE training on the GPU: weights, gradients, two Adam moments in fp32, two 1M-token bf16
+    # buffers, two float32 [batch, d_sae] pre-activation tensors
+    sae = 2 * 4096 * 32768 * 4
+    ft = p["rules"]["sae_finetune"]
+    assert ft["gpu_gb"] * 1e9 == pytest.approx(4 * sae + 2 * 1_000_000 * 4096 * 2 + 2 * 4 * 4096 * 32768)
+    assert ft["gpu"] == 1 and p["rules"]["shift_figures"]["gpu"] == 0
+    assert all(r["fits"] for r in p["rules"].values()), {k: r for k, r in p["rules"].items() if not r["fits"]}
+
+
+def test_layer_groups_cost_cache_passes(tmp_path):
+    cfg = yaml.safe_load(_paper_config(tmp_path).read_text())
+    cfg["cache"]["layer_groups"] = [list(range(g, g + 8)) for g in (0, 8, 16, 24)]
+    path = tmp_path / "groups.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    p = plan(path)
+    assert p["cache_passes"] == pytest.approx((8 + 16 + 24 + 32) / 32)  # each group stops at its deepest layer
+    assert p["model_loads"] == 37 + 3
+
+
+def test_a_config_resources_entry_overrides_the_derived_request(tmp_path):
+    cfg = yaml.safe_load(_paper_config(tmp_path).read_text())
+    cfg["resources"] = {"sae": {"runtime": 600}, "sae_finetune": {"mem_mb": 1000}}
+    path = tmp_path / "small_request.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    rules = plan(path)["rules"]
+    assert rules["sae_finetune"]["request_gb"] == 1.0 and not rules["sae_finetune"]["fits"]  # 12 GB on the host
+    assert rules["shift_layer"]["runtime_min"] == 600 and rules["shift_layer"]["fits"]
+
+
 def test_plan_cli_prints_the_table(tmp_path, capsys):
-    main(["plan", str(_paper_config(tmp_path)), "--gpu-tflops", "312"])
+    main(["plan", str(_paper_config(tmp_path)), "--gpu-mem", "141"])
     out = capsys.readouterr().out
-    assert "sae_finetune" in out and "128" in out and "GB all tokens" in out and "312 TFLOP/s" in out
+    assert "sae_finetune" in out and "128" in out and "GB all tokens" in out and "GPU memory 141 GB" in out
+    assert "model loads: 37" in out

@@ -21,13 +21,14 @@ from stagediff.sae.topk import TopKSAE
 
 D, D_SAE, K = 8, 32, 4
 CFG = {"top_k": K, "tokens": 64 * 40, "batch_size": 64, "lr": 1e-3, "lr_layer_scale": {}, "betas": [0.9, 0.9999],
-       "buffer_tokens": 200, "checkpoint_every": 5, "log_every": 10, "curve_eval_tokens": 100, "dead_tokens": 1000}
+       "buffer_tokens": 200, "read_chunks": 1, "checkpoint_every": 5, "log_every": 10, "curve_eval_tokens": 100,
+       "dead_tokens": 1000}
 
 
-def make_store(path, n_text=(300, 60), n_image=(500, 90), offset_image=4.0):
+def make_store(path, n_text=(300, 60), n_image=(500, 90), offset_image=4.0, dtype="float32"):
     """A layer store through the real writer; rows encode (modality, split, index) in column 0."""
-    w = LayerStoreWriter({0: path}, D, {"dtype": "float32", "chunk_rows": 32, "chunks_per_shard": 2},
-                         {"dtype": "float32", "model": "synthetic", "config_hash": "x"})
+    w = LayerStoreWriter({0: path}, D, {"dtype": dtype, "chunk_rows": 32, "chunks_per_shard": 2},
+                         {"dtype": dtype, "model": "synthetic", "config_hash": "x"})
     g = np.random.default_rng(0)
     for m, counts, off in (("text", n_text, 0.0), ("image", n_image, offset_image)):
         for split, n in zip(("train", "val"), counts):
@@ -35,7 +36,7 @@ def make_store(path, n_text=(300, 60), n_image=(500, 90), offset_image=4.0):
             x[:, 0] = np.arange(n) + (0 if m == "text" else 10_000) + (0 if split == "train" else 100_000)
             meta = {"sample_id": np.zeros(n), "position": np.zeros(n), "token_id": np.zeros(n),
                     "split": np.full(n, SPLIT_CODES[split])}
-            w.add(m, {0: to_storage(torch.from_numpy(x), "float32")}, meta)
+            w.add(m, {0: to_storage(torch.from_numpy(x), dtype)}, meta)
     w.close({})
     return ActivationStore(path)
 
@@ -73,7 +74,7 @@ def test_stream_resumes_at_any_step(world):
 def test_regimes_warm_start_and_random_init(world):
     tmp, store = world
     for regime in ("text", "random"):
-        finetune_sae(store.path, tmp / "base", regime, 0, tmp / regime, tmp / f"ck_{regime}", CFG, seed=0)
+        finetune_sae(store.path, store.path, tmp / "base", regime, 0, tmp / regime, tmp / f"ck_{regime}", CFG, seed=0)
         meta = json.loads((tmp / regime / "cfg.json").read_text())
         curve = pd.read_parquet(tmp / regime / "curve.parquet")
         assert list(curve.columns) == ["step", "tokens_seen", "loss", "fvu", "l0", "dead_fraction"]
@@ -93,8 +94,21 @@ def test_regimes_warm_start_and_random_init(world):
 def test_layer_scaled_learning_rate(world):
     tmp, store = world
     cfg = {**CFG, "tokens": 64 * 2, "lr_layer_scale": {"0": 0.25}}
-    finetune_sae(store.path, tmp / "base", "full", 0, tmp / "out", tmp / "ck", cfg, seed=0)
+    finetune_sae(store.path, store.path, tmp / "base", "full", 0, tmp / "out", tmp / "ck", cfg, seed=0)
     assert json.loads((tmp / "out" / "cfg.json").read_text())["lr"] == pytest.approx(2.5e-4)
+
+
+def test_stream_reads_ahead_without_changing_a_batch(tmp_path):
+    """Multi-chunk reads in flight change when rows arrive, never which rows a batch holds; the
+    buffer is kept in the storage dtype (bf16) and batches come out float32."""
+    store = make_store(tmp_path / "bf16.zarr", dtype="bfloat16")
+    ref = TokenStream(store, ("text", "image"), 16, 100, (3,), read_chunks=2, read_ahead=1).batches(0)
+    fast = TokenStream(store, ("text", "image"), 16, 100, (3,), read_chunks=2, read_ahead=8).batches(0)
+    for _ in range(60):
+        a, b = next(ref), next(fast)
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+    rows = {x.stop - x.start for x in TokenStream(store, ("text",), 16, 100, (3,), read_chunks=2).blocks}
+    assert max(rows) == 64  # two 32-row chunks per read
 
 
 def _cli(tmp, out, ckpt, cfg):
@@ -131,10 +145,10 @@ def test_sigkill_then_rerun_ends_with_the_same_weights(world):
 def test_checkpoint_of_other_settings_is_not_resumed(world, caplog):
     tmp, store = world
     cfg = {**CFG, "tokens": 64 * 12}
-    finetune_sae(store.path, tmp / "base", "full", 0, tmp / "a", tmp / "ck", {**cfg, "checkpoint_every": 5}, 0)
+    finetune_sae(store.path, store.path, tmp / "base", "full", 0, tmp / "a", tmp / "ck", {**cfg, "checkpoint_every": 5}, 0)
     (tmp / "ck").mkdir()
     torch.save({"fingerprint": "other", "step": 5}, tmp / "ck" / "state.pt")
-    finetune_sae(store.path, tmp / "base", "full", 0, tmp / "b", tmp / "ck", {**cfg, "checkpoint_every": 5}, 0)
+    finetune_sae(store.path, store.path, tmp / "base", "full", 0, tmp / "b", tmp / "ck", {**cfg, "checkpoint_every": 5}, 0)
     assert "other settings" in caplog.text
     assert torch.equal(load_sae(tmp / "a").W_dec, load_sae(tmp / "b").W_dec)
 
@@ -143,7 +157,7 @@ def test_saelens_export_gives_the_same_encodings(world):
     import sae_lens  # a test extra (envs/requirements-test.txt)
 
     tmp, store = world
-    finetune_sae(store.path, tmp / "base", "image", 0, tmp / "img", tmp / "ck", {**CFG, "tokens": 64 * 5}, 0)
+    finetune_sae(store.path, store.path, tmp / "base", "image", 0, tmp / "img", tmp / "ck", {**CFG, "tokens": 64 * 5}, 0)
     ours = load_sae(tmp / "img")
     theirs = sae_lens.SAE.load_from_disk(tmp / "img" / "saelens")
     x = store.acts("image", 0, 200)

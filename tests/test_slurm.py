@@ -20,7 +20,9 @@ from tests.conftest import REPO, run_smk
 # cluster config would have it: the fake GPUs are allocated but unusable, so jobs fall back to CPU.
 OVERLAY = {"device": "auto", "sae_finetune": {"regimes": ["full", "text"]}}
 TABLES = ["vlm_accuracy", "sae_fvu", "adapted_features", "shift", "selected_features"]
-GPU_RULES = {"vlm_accuracy", "cache_activations_g0", "sae_finetune", "neutral_layer"}
+# the jobs that run the VLM or an SAE ask for a GPU; aggregation and figures do not
+GPU_RULES = {"vlm_accuracy", "cache_activations_g0", "sae_finetune", "sae_evaluate", "diff_layer", "shift_layer",
+             "neutral"}
 
 
 def _node_up() -> bool:

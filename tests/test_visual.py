@@ -90,13 +90,25 @@ def test_integrated_gradients_are_complete(world):
     one = {k: v[:1] for k, v in batch.items()}
     target = torch.tensor([7])
     mean = torch.zeros(model.config.text_config.hidden_size, dtype=torch.float64)
-    ig = integrated_gradients(model, one, target, mean, steps=64)
+    ig = integrated_gradients(model, one, target, mean, steps=64, max_rows=1)
     with torch.no_grad():
         real = model(**one, use_cache=False).logits[0, last_positions(one)[0], 7]
         with replace_visual_tokens(model, [set(range(ig.shape[1]))], mean):
             base = model(**one, use_cache=False).logits[0, last_positions(one)[0], 7]
     assert ig.shape == (1, (batch["input_ids"][0] == model.config.image_token_id).sum())
     assert float(ig.sum()) == pytest.approx(float(real - base), rel=2e-2, abs=1e-6)
+
+
+def test_integrated_gradients_row_cap_changes_nothing(world):
+    """The model's weights are frozen and rows are independent: chunking the backward (the memory
+    cap) gives the rows the full batch gives them."""
+    model, batch = world
+    assert not any(q.requires_grad for q in model.parameters())
+    targets = torch.full((len(batch["input_ids"]),), 7)
+    mean = torch.zeros(model.config.text_config.hidden_size)
+    whole = integrated_gradients(model, batch, targets, mean, steps=4, max_rows=len(targets))
+    capped = integrated_gradients(model, batch, targets, mean, steps=4, max_rows=1)
+    assert len(targets) > 1 and torch.allclose(whole, capped, rtol=1e-4, atol=1e-6)
 
 
 NEO = {"n_images": 10, "object_area": [1000, 2000], "max_objects": 3, "exclude_categories": []}

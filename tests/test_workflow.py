@@ -1,6 +1,4 @@
 """Real Snakemake runs on the tiny toy config: lint, end to end, and per-layer staleness."""
-import csv
-import io
 import zipfile
 from pathlib import Path
 
@@ -11,6 +9,7 @@ import yaml
 
 from stagediff.api import list_tables, load_table
 from stagediff.cache import ActivationStore
+from tests import conftest
 from tests.conftest import run_smk
 from tests.llm_server import LLMServer
 
@@ -18,9 +17,7 @@ CFG = ["--configfile", ".test/config.yaml"]
 
 
 def summary(cwd) -> dict[str, str]:
-    out = run_smk("--summary", *CFG, cwd=cwd).stdout
-    rows = csv.DictReader(io.StringIO(out[out.index("output_file"):]), delimiter="\t")
-    return {r["output_file"]: r["plan"] for r in rows}
+    return conftest.summary(".test/config.yaml", cwd)
 
 
 def test_lint(workdir):
@@ -117,6 +114,25 @@ def test_end_to_end_then_only_the_changed_layer_is_stale(workdir, monkeypatch):
     assert "toy_base_sae" in out and "cache_activations" not in out and "toy_vlm" not in out
     assert "layer=1" in out  # the layer-0 jobs that run are exactly the stale set above
     assert set(summary(workdir).values()) == {"no update"}
+
+    # params hold exactly what a job's output depends on (question families: tests/test_paper_world.py,
+    # where the model does not come from the run itself)
+    def stale_after(edit) -> set[str]:
+        return conftest.stale_after(".test/config.yaml", workdir, edit)
+
+    caches = {f"results/tiny/activations/vqav2/L{layer}{s}.zarr" for layer in (0, 1) for s in ("", "_train")}
+    saes = {f"results/tiny/saes/L{layer}/{r}" for layer in (0, 1) for r in ("full", "image", "text", "random")}
+    everything = set(summary(workdir))
+    assert stale_after(lambda c: c.update(device="auto")) == set()  # where a job runs is not what it computes
+    resized = stale_after(lambda c: c["cache"]["splits"].update(val=5))
+    world = {f for f in everything if f.startswith("results/tiny/world")}
+    untouched = world | {"results/tiny/tables/vlm_accuracy.parquet", "results/tiny/patching/mean_visual_embedding"
+                         ".safetensors", "results/tiny/figures/visual", "results/tiny/visual/logit_lens_maps.json"}
+    untouched |= {f"results/tiny/tables/visual_{t}.parquet" for t in ("token_ablation", "logit_lens", "knockout")}
+    assert resized == everything - untouched  # everything that reads the cache, nothing that does not
+    top_k = stale_after(lambda c: c["sae_finetune"].update(top_k=2))
+    assert saes <= top_k and not top_k & (caches | untouched)
+    assert "results/tiny/sae_eval/L0.parquet" in top_k and "results/tiny/diff/L0.parquet" in top_k
 
     # one layer's learning-rate factor: only that layer's SAEs (and what reads them) rerun
     cfg["sae_finetune"]["lr_layer_scale"] = {"1": 0.5}

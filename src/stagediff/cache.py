@@ -30,6 +30,7 @@ import google_crc32c
 import numpy as np
 import torch
 import zarr
+from zarr.core.buffer.cpu import NDBuffer
 from zarr.core.group import GroupMetadata
 from zarr.storage import LocalStore, MemoryStore
 
@@ -58,10 +59,16 @@ def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
     return x.to(getattr(torch, dtype)).cpu().numpy()
 
 
-def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
+def stored_tensor(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """The rows as a CPU tensor in their storage dtype (bf16 from its uint16 bits; no copy)."""
     if dtype == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).float()
-    return torch.from_numpy(np.ascontiguousarray(a)).float()
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def from_storage(a: np.ndarray, dtype: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 on ``device``; moved as stored (bf16: half the bytes) and widened there."""
+    return stored_tensor(a, dtype).to(device).float()
 
 
 @functools.lru_cache  # immutable, and the same for every layer store of a job
@@ -205,24 +212,38 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def cache_activations(model, processor, items: list[Item], layers: list[int], outputs: dict[int, Path],
-                      cfg: dict, attrs: dict) -> None:
-    """Run the model once per batch and write every owned layer's store (atomically)."""
-    d_model = model.config.text_config.hidden_size
+                      cfg: dict, attrs: dict, train_outputs: dict[int, Path] | None = None) -> None:
+    """Run the model once per batch and write every owned layer's store (atomically).
+
+    ``train_outputs``: stores of their own for the train split's rows (91 % of the paper world's
+    bytes, read only by SAE training, so the workflow can delete them once that is done); None:
+    every split goes to ``outputs``. The train split is cached first, then the held-out splits,
+    so only one set of shard buffers is alive at a time.
+    """
+    sets = [(outputs, [it for it in items if train_outputs is None or it.split != "train"])]
+    if train_outputs is not None:
+        sets.insert(0, (train_outputs, [it for it in items if it.split == "train"]))
     with contextlib.ExitStack() as stack:  # all layer stores appear together, or none does
-        tmps = {L: stack.enter_context(atomic_dir(p)) for L, p in outputs.items()}
-        writer = LayerStoreWriter(tmps, d_model, cfg, attrs)
-        counts = {m: 0 for m in MODALITIES}
-        t0, done = time.time(), 0
-        n_batches = (len(items) + cfg["batch_size"] - 1) // cfg["batch_size"]
-        for bi, (part, b) in enumerate(iter_batches(processor, items, cfg["batch_size"])):
-            for m, n in cache_batch(model, part, b, layers, writer, cfg["dtype"]).items():
-                counts[m] += n
-            done += len(part)
-            if bi % max(1, n_batches // 10) == 0 or bi == n_batches - 1:
-                dt = time.time() - t0
-                log.info("cache: %d/%d samples, %.0f tokens/s, ETA %.0fs", done, len(items),
-                         (counts["text"] + counts["image"]) / max(dt, 1e-9), dt / done * (len(items) - done))
-        writer.close({"n_text": counts["text"], "n_image": counts["image"], "n_samples": len(items)})
+        for outs, part in sets:
+            tmps = {L: stack.enter_context(atomic_dir(p)) for L, p in outs.items()}
+            _write_stores(model, processor, part, layers, tmps, cfg, attrs)
+
+
+def _write_stores(model, processor, items: list[Item], layers: list[int], paths: dict[int, Path], cfg: dict,
+                  attrs: dict) -> None:
+    writer = LayerStoreWriter(paths, model.config.text_config.hidden_size, cfg, attrs)
+    counts = {m: 0 for m in MODALITIES}
+    t0, done = time.time(), 0
+    n_batches = (len(items) + cfg["batch_size"] - 1) // cfg["batch_size"]
+    for bi, (part, b) in enumerate(iter_batches(processor, items, cfg["batch_size"])):
+        for m, n in cache_batch(model, part, b, layers, writer, cfg["dtype"]).items():
+            counts[m] += n
+        done += len(part)
+        if bi % max(1, n_batches // 10) == 0 or bi == n_batches - 1:
+            dt = time.time() - t0
+            log.info("cache: %d/%d samples, %.0f tokens/s, ETA %.0fs", done, len(items),
+                     (counts["text"] + counts["image"]) / max(dt, 1e-9), dt / done * (len(items) - done))
+    writer.close({"n_text": counts["text"], "n_image": counts["image"], "n_samples": len(items)})
 
 
 def cache_batch(model, part: list[Item], b: dict, layers: list[int], writer: LayerStoreWriter,
@@ -231,11 +252,12 @@ def cache_batch(model, part: list[Item], b: dict, layers: list[int], writer: Lay
     image_mask, text_mask = token_masks(b, model)
     ids = b["input_ids"]
     with torch.inference_mode():  # no autograd bookkeeping at all: 3-4 % off a small model's forward
-        acts = {L: a.cpu() for L, a in capture_residuals(model, to_model(b, model), layers).items()}
-    # the cached tokens, text ones first: one gather, check and cast per layer serves both modalities
+        acts = capture_residuals(model, to_model(b, model), layers)
+    # the cached tokens, text ones first: one gather, check and cast per layer serves both modalities,
+    # on the model's device, so only the kept rows (no padding) cross to the host
     text, image = text_mask.nonzero(as_tuple=True), image_mask.nonzero(as_tuple=True)
     rows, cols = torch.cat([text[0], image[0]]), torch.cat([text[1], image[1]])
-    flat = rows * ids.shape[1] + cols  # the same tokens in [batch * seq] order
+    flat = (rows * ids.shape[1] + cols).to(acts[layers[0]].device)  # the same tokens in [batch * seq] order
     r = rows.numpy()
     meta = {"sample_id": np.array([it.sample_id for it in part])[r], "position": cols.numpy(),
             "token_id": ids[rows, cols].numpy(), "split": np.array([SPLIT_CODES[it.split] for it in part])[r]}
@@ -281,8 +303,20 @@ class ActivationStore:
     def n_tokens(self, modality: str) -> int:
         return self.array(modality).shape[0]
 
-    def acts(self, modality: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        return from_storage(self.array(modality)[start:stop], self.attrs["dtype"])
+    def acts(self, modality: str, start: int = 0, stop: int | None = None,
+             device: torch.device | str = "cpu") -> torch.Tensor:
+        return from_storage(self.array(modality)[start:stop], self.attrs["dtype"], device)
+
+    def stored(self, modality: str, start: int, stop: int) -> torch.Tensor:
+        """Rows in the storage dtype on the CPU (the stream's read: widened only per batch)."""
+        return stored_tensor(self.array(modality)[start:stop], self.attrs["dtype"])
+
+    def read_into(self, modality: str, start: int, out: torch.Tensor) -> None:
+        """Rows ``start : start + len(out)`` written straight into ``out`` (a CPU tensor in the
+        storage dtype): no fresh array per read, which halves zarr's read time here (BENCHMARKS.md)."""
+        raw = out.view(torch.int16) if out.dtype == torch.bfloat16 else out
+        self.array(modality).get_basic_selection(slice(start, start + len(out)),
+                                                 out=NDBuffer.from_numpy_array(raw.numpy()))
 
     def meta(self, modality: str, name: str) -> np.ndarray:
         return self.array(modality, name)[:]

@@ -57,11 +57,13 @@ def capture_residuals(model, batch: dict, layers: list[int]) -> dict[int, torch.
 
 @torch.no_grad()
 def item_residuals(model, processor, items: list[Item], layer: int, batch_size: int = 16):
-    """Per item, in order: (token ids, residuals [n_tokens, d_model] at ``layer``) over its prompt,
-    BOS and padding dropped; image tokens included (their id is ``model.config.image_token_id``)."""
+    """Per item, in order: (token ids on the CPU, residuals [n_tokens, d_model] at ``layer`` in
+    float32 on the model's device) over its prompt, BOS and padding dropped; image tokens included
+    (their id is ``model.config.image_token_id``)."""
     for part, b in iter_batches(processor, items, batch_size):
         keep = b["attention_mask"].bool() & (b["input_ids"] != model.config.text_config.bos_token_id)
         ids = b["input_ids"]
-        h = capture_residuals(model, to_model(b, model), [layer])[layer].float().cpu()
+        h = capture_residuals(model, to_model(b, model), [layer])[layer].float()
+        on_device = keep.to(h.device)
         for r, it in enumerate(part):
-            yield it, ids[r, keep[r]], h[r, keep[r]]
+            yield it, ids[r, keep[r]], h[r, on_device[r]]

@@ -30,14 +30,22 @@ def _params(text: str) -> dict:
     return json.loads(text)
 
 
-def _world(p: dict):
-    """The VLM on the configured device, after seeding everything."""
+def _world(p: dict, device: str):
+    """The VLM on ``device`` (``--device``, not a param: moving a job to a GPU changes no result
+    beyond float rounding, so it never makes a finished job stale), after seeding everything."""
+    from stagediff.device import pick_device
     from stagediff.models.vlm import load_vlm
-    from stagediff.seed import pick_device, seed_everything
+    from stagediff.seed import seed_everything
 
     seed_everything(p["seed"])
     m = p["model"]
-    return load_vlm(m["vlm"], pick_device(p["device"]), m["dtype"], m["pad_to_square"])
+    return load_vlm(m["vlm"], pick_device(device), m["dtype"], m["pad_to_square"])
+
+
+def _sae_device(a):
+    from stagediff.device import pick_device
+
+    return pick_device(a.device)
 
 
 def _has_downstream(selected, layer: int) -> bool:
@@ -81,14 +89,13 @@ def cmd_toy_vlm(a) -> None:
     from stagediff.models.toy_vlm import train_toy_vlm
 
     p = _params(a.params)
-    train_toy_vlm(a.base_lm, p["data"], p["prompts"], p["question_splits"], a.out, p["vlm"],
-                  p["image_size"], p["seed"])
+    train_toy_vlm(a.base_lm, p["data"], p["prompts"], a.out, p["vlm"], p["image_size"], p["seed"])
 
 
 def cmd_plan(a) -> None:
     from stagediff.plan import plan, render
 
-    print(render(plan(a.config, a.text_tokens, a.gpu_tflops, a.mfu)))
+    print(render(plan(a.config, a.gpu_mem)))
 
 
 def cmd_convert_llava(a) -> None:
@@ -104,7 +111,7 @@ def cmd_vlm_accuracy(a) -> None:
 
     p = _params(a.params)
     e = p["evaluate_vlm"]
-    model, processor = _world(p)
+    model, processor = _world(p, a.device)
     items = (vqa_items(p["data"], e["split"], p["prompts"], p["question_splits"], e["n"], p["seed"])
              + vsr_items(p["data"], e["split"], p["prompts"], e["n"], p["seed"]))
     preds = predict(model, processor, items, e["batch_size"], e["max_new_tokens"])
@@ -118,24 +125,26 @@ def cmd_cache(a) -> None:
     from stagediff.data.items import vqa_items
 
     p = _params(a.params)
-    if len(a.out) != len(a.layers):
-        raise SystemExit(f"--out needs one path per layer: {len(a.layers)} layers, {len(a.out)} paths")
+    _same_length(a, "layers", "out", *(["train_out"] if a.train_out else []))
     c = p["cache"]
-    model, processor = _world(p)
+    model, processor = _world(p, a.device)
+    # question families are not cached (stages that need them read them from the questions), so
+    # editing a keyword list never reruns the cache
     items = [it for split, n in c["splits"].items() if n
-             for it in vqa_items(p["data"], split, p["prompts"], p["question_splits"], n, p["seed"])]
+             for it in vqa_items(p["data"], split, p["prompts"], {}, n, p["seed"])]
     attrs = {"model": p["model"]["vlm"], "dataset": c["dataset"], "dtype": c["dtype"],
              "hook": "decoder block output (resid_post)", "config_hash": config_hash(p),
              "d_model": model.config.text_config.hidden_size}
-    cache_activations(model, processor, items, a.layers, dict(zip(a.layers, map(Path, a.out))),
-                      c, attrs)
+    train = dict(zip(a.layers, map(Path, a.train_out))) if a.train_out else None
+    cache_activations(model, processor, items, a.layers, dict(zip(a.layers, map(Path, a.out))), c, attrs, train)
 
 
 def cmd_sae_finetune(a) -> None:
     from stagediff.sae.finetune import finetune_sae
 
     p = _params(a.params)
-    finetune_sae(a.cache, a.base_sae, a.regime, a.layer, a.out, a.checkpoint_dir, p["sae_finetune"], p["seed"])
+    finetune_sae(a.cache, a.heldout or a.cache, a.base_sae, a.regime, a.layer, a.out, a.checkpoint_dir,
+                 p["sae_finetune"], p["seed"], _sae_device(a), a.read_ahead)
 
 
 def cmd_sae_evaluate(a) -> None:
@@ -144,8 +153,8 @@ def cmd_sae_evaluate(a) -> None:
 
     p = _params(a.params)
     regimes = dict(zip(p["sae_finetune"]["regimes"], a.saes))
-    write_parquet(evaluate_layer(a.cache, a.layer, a.base_sae, p["sae_finetune"]["top_k"], regimes, a.base_form),
-                  a.out)
+    write_parquet(evaluate_layer(a.cache, a.layer, a.base_sae, p["sae_finetune"]["top_k"], regimes, a.base_form,
+                                 _sae_device(a)), a.out)
 
 
 def cmd_concat_tables(a) -> None:
@@ -166,7 +175,8 @@ def cmd_diff_layer(a) -> None:
 
     p = _params(a.params)
     regimes = dict(zip(p["sae_finetune"]["regimes"], a.saes))
-    write_parquet(feature_table(a.layer, a.base_sae, p["sae_finetune"]["top_k"], regimes, a.cache, p["diff"]), a.out)
+    write_parquet(feature_table(a.layer, a.base_sae, p["sae_finetune"]["top_k"], regimes, a.cache, p["diff"],
+                                _sae_device(a)), a.out)
 
 
 def cmd_diff_adapted(a) -> None:
@@ -205,7 +215,7 @@ def cmd_shift_layer(a) -> None:
     cached = set(store.meta("text", "sample_id").tolist())
     items = [it for it in vqa_items(p["data"], sh["split"], p["prompts"], p["question_splits"])
              if it.sample_id in cached]
-    write_parquet(shift_table(a.layer, load_sae(a.sae), store, items, sh["split"], sh["families"],
+    write_parquet(shift_table(a.layer, load_sae(a.sae, _sae_device(a)), store, items, sh["split"], sh["families"],
                               SPANS[sh["tokens"]]), a.out)
 
 
@@ -227,30 +237,43 @@ def cmd_shift_figures(a) -> None:
     shift_figures(pd.read_parquet(a.table), a.out_dir)
 
 
-def cmd_neutral_layer(a) -> None:
+def cmd_neutral(a) -> None:
+    """Every layer's neutral-prompt filter in one job: one VLM load, none if no layer has candidates."""
     import pandas as pd
 
     from stagediff.cache import ActivationStore
     from stagediff.data.items import vqa_items
+    from stagediff.device import model_device
     from stagediff.diff.neutral import EVIDENCE_COLUMNS, layer_candidates, neutral_evidence, vlm_rerun
     from stagediff.io import write_parquet
     from stagediff.sae.finetune import load_sae
 
+    _same_length(a, "layers", "caches", "saes", "out")
     p = _params(a.params)
     split = p["shift"]["split"]
-    candidates = layer_candidates(pd.read_parquet(a.shift), pd.read_parquet(a.adapted), a.layer,
-                                  p["neutral"]["only_adapted"])
-    if candidates.empty:  # no model load (minutes for an 8B VLM) when there is nothing to test
-        log.info("layer %d: no candidates", a.layer)
-        write_parquet(pd.DataFrame(columns=EVIDENCE_COLUMNS), a.out)
-        return
-    model, processor = _world(p)
-    neutral = [p["prompts"]["neutral"].format(prompt=t) for t in json.loads(Path(p["data"]["neutral_prompts"]).read_text())]
-    items = vqa_items(p["data"], split, p["prompts"], p["question_splits"])
-    table = neutral_evidence(vlm_rerun(model, processor, a.layer), load_sae(a.sae), a.layer, ActivationStore(a.cache),
-                             items, candidates, neutral, p["neutral"], split)
-    log.info("layer %d: %d candidates, %d neutral-prompt runs", a.layer, len(candidates), len(table))
-    write_parquet(table, a.out)
+    shift, adapted = pd.read_parquet(a.shift), pd.read_parquet(a.adapted)
+    model = None
+    for layer, cache, sae, out in zip(a.layers, a.caches, a.saes, a.out):
+        candidates = layer_candidates(shift, adapted, layer, p["neutral"]["only_adapted"])
+        if candidates.empty:
+            log.info("layer %d: no candidates", layer)
+            write_parquet(pd.DataFrame(columns=EVIDENCE_COLUMNS), out)
+            continue
+        if model is None:
+            model, processor = _world(p, a.device)
+            neutral = [p["prompts"]["neutral"].format(prompt=t)
+                       for t in json.loads(Path(p["data"]["neutral_prompts"]).read_text())]
+            items = vqa_items(p["data"], split, p["prompts"], p["question_splits"])
+        table = neutral_evidence(vlm_rerun(model, processor, layer), load_sae(sae, model_device(model)), layer,
+                                 ActivationStore(cache), items, candidates, neutral, p["neutral"], split)
+        log.info("layer %d: %d candidates, %d neutral-prompt runs", layer, len(candidates), len(table))
+        write_parquet(table, out)
+
+
+def _same_length(a, *names: str) -> None:
+    lengths = {n: len(getattr(a, n)) for n in names}
+    if len(set(lengths.values())) != 1:
+        raise SystemExit(f"--{' --'.join(names)} need one entry per layer each: got {lengths}")
 
 
 def cmd_select_features(a) -> None:
@@ -269,29 +292,6 @@ def cmd_select_features(a) -> None:
     write_parquet(sel, a.out)
 
 
-def cmd_autointerp_examples(a) -> None:
-    import pandas as pd
-
-    from stagediff.autointerp.examples import layer_examples
-    from stagediff.data.items import vqa_items, vsr_items
-    from stagediff.io import write_json
-    from stagediff.sae.finetune import load_sae
-
-    p = _params(a.params)
-    ai = p["autointerp"]
-    selected = pd.read_parquet(a.selected)
-    if not _has_downstream(selected, a.layer):
-        write_json({"layer": a.layer, "features": []}, a.out)
-        return
-    model, processor = _world(p)
-    split = ai["pool"]["split"]
-    items = (vqa_items(p["data"], split, p["prompts"], p["question_splits"], ai["pool"]["vqa"], p["seed"])
-             + vsr_items(p["data"], split, p["prompts"], ai["pool"]["vsr"], p["seed"]))
-    ex = layer_examples(model, processor, load_sae(a.sae), a.layer, selected, items, ai, p["seed"])
-    log.info("layer %d: examples for %d features from %d pool samples", a.layer, len(ex["features"]), len(items))
-    write_json(ex, a.out)
-
-
 def cmd_autointerp_describe(a) -> None:
     from stagediff.autointerp.describe import describe_layer
     from stagediff.io import write_parquet
@@ -308,72 +308,75 @@ def cmd_autointerp_figures(a) -> None:
     autointerp_figures(a.dirs, a.out_dir, _params(a.params)["pad_to_square"])
 
 
-def cmd_patching_mean(a) -> None:
-    from safetensors.torch import save_file
+def cmd_study_layer(a) -> None:
+    """Everything that studies one layer's downstream features with the VLM, on one model load:
+    auto-interp examples, attribution patching, ablation. A layer with none loads nothing and
+    writes its outputs empty (with their columns)."""
+    import pandas as pd
 
-    from stagediff.data.items import vqa_items
-    from stagediff.io import atomic_file
-    from stagediff.patching.heads import mean_visual_embedding
+    from stagediff.io import atomic_dir, write_json, write_parquet
+    from stagediff.patching.ablation import ROW_COLUMNS
+    from stagediff.patching.layer import SCORE_COLUMNS, validation_columns
 
     p = _params(a.params)
-    pc = p["patching"]
-    model, processor = _world(p)
-    items = vqa_items(p["data"], "train", p["prompts"], p["question_splits"], pc["mean_samples"], p["seed"])
-    mean = mean_visual_embedding(model, processor, items, pc["mean_per_position"])
-    log.info("mean visual embedding over %d training questions' images: shape %s", len(items), tuple(mean.shape))
-    with atomic_file(a.out) as tmp:
-        save_file({"mean": mean.contiguous()}, str(tmp), metadata={"n_items": str(len(items))})
+    selected = pd.read_parquet(a.selected)
+    if not _has_downstream(selected, a.layer):
+        write_json({"layer": a.layer, "features": []}, a.examples)
+        with atomic_dir(a.patching_dir):
+            pass
+        write_parquet(pd.DataFrame(columns=SCORE_COLUMNS), a.scores)
+        write_parquet(pd.DataFrame(columns=validation_columns(p["patching"])), a.validation)
+        write_parquet(pd.DataFrame(columns=ROW_COLUMNS), a.ablation)
+        return
+    from stagediff.device import model_device
+    from stagediff.sae.finetune import load_sae
+
+    model, processor = _world(p, a.device)
+    sae = load_sae(a.sae, model_device(model))  # float32 beside the model (bf16 in the paper world)
+    write_json(_autointerp_examples(p, model, processor, sae, selected, a.layer), a.examples)
+    scores, validation = _patching(p, model, processor, sae, selected, a)
+    write_parquet(scores, a.scores)
+    write_parquet(validation, a.validation)
+    write_parquet(_ablation(p, model, processor, sae, selected, a.layer), a.ablation)
 
 
-def cmd_patching_layer(a) -> None:
-    import pandas as pd
+def _autointerp_examples(p: dict, model, processor, sae, selected, layer: int) -> dict:
+    from stagediff.autointerp.examples import layer_examples
+    from stagediff.data.items import vqa_items, vsr_items
+
+    ai = p["autointerp"]
+    split = ai["pool"]["split"]
+    items = (vqa_items(p["data"], split, p["prompts"], p["question_splits"], ai["pool"]["vqa"], p["seed"])
+             + vsr_items(p["data"], split, p["prompts"], ai["pool"]["vsr"], p["seed"]))
+    ex = layer_examples(model, processor, sae, layer, selected, items, ai, p["seed"])
+    log.info("layer %d: examples for %d features from %d pool samples", layer, len(ex["features"]), len(items))
+    return ex
+
+
+def _patching(p: dict, model, processor, sae, selected, a):
     from safetensors.torch import load_file
 
     from stagediff.cache import ActivationStore
     from stagediff.data.items import vqa_items
-    from stagediff.io import atomic_dir, write_parquet
     from stagediff.patching.layer import patching_layer
-    from stagediff.sae.finetune import load_sae
 
-    p = _params(a.params)
-    selected = pd.read_parquet(a.selected)
-    if not _has_downstream(selected, a.layer):
-        with atomic_dir(a.out_dir):
-            pass
-        write_parquet(pd.DataFrame(), a.scores)
-        write_parquet(pd.DataFrame(), a.validation)
-        return
-    model, processor = _world(p)
     split = p["shift"]["split"]
     items = vqa_items(p["data"], split, p["prompts"], p["question_splits"])
-    scores, val = patching_layer(model, processor, load_sae(a.sae), a.layer, ActivationStore(a.cache), items,
-                                 selected, load_file(a.mean)["mean"], p["patching"], split, a.out_dir)
-    write_parquet(scores, a.scores)
-    write_parquet(val, a.validation)
+    return patching_layer(model, processor, sae, a.layer, ActivationStore(a.cache), items, selected,
+                          load_file(a.mean)["mean"], p["patching"], split, a.patching_dir)
 
 
-def cmd_ablation_layer(a) -> None:
-    import pandas as pd
-
+def _ablation(p: dict, model, processor, sae, selected, layer: int):
     from stagediff.data.items import vqa_items, vsr_items
     from stagediff.data.vqav2 import subsample
-    from stagediff.io import write_parquet
     from stagediff.patching.ablation import ablation_layer
-    from stagediff.sae.finetune import load_sae
 
-    p = _params(a.params)
     ab = p["ablation"]
-    selected = pd.read_parquet(a.selected)
-    if not _has_downstream(selected, a.layer):
-        write_parquet(pd.DataFrame(), a.out)
-        return
-    model, processor = _world(p)
     vsr_pool = vsr_items(p["data"], ab["pool_split"], p["prompts"])
     vsr_eval = vsr_items(p["data"], ab["split"], p["prompts"])
     yes_no = subsample([it for it in vqa_items(p["data"], ab["split"], p["prompts"], p["question_splits"])
                         if it.answer_type == "yes/no"], ab["max_vqa"], p["seed"])  # seeded, not the first N
-    rows = ablation_layer(model, processor, load_sae(a.sae), a.layer, selected, vsr_pool, vsr_eval, yes_no, ab)
-    write_parquet(rows, a.out)
+    return ablation_layer(model, processor, sae, layer, selected, vsr_pool, vsr_eval, yes_no, ab)
 
 
 def cmd_ablation_table(a) -> None:
@@ -398,55 +401,41 @@ def cmd_patching_figures(a) -> None:
     patching_figures(_read_tables(a.scores), a.dirs, p["patching"], a.out_dir, p["pad_to_square"])
 
 
-def _visual_setup(p: dict):
-    """The VLM and the object records of ``visual.split`` (COCO-format instances, same images as VQAv2)."""
-    from stagediff.visual.experiments import load_questions, object_records
+def cmd_visual_tokens(a) -> None:
+    """Neo et al. on one model load: the mean visual embedding (also patching's corrupt input),
+    token ablation (Table 1), the logit lens, attention knockout (Table 2)."""
+    from safetensors.torch import save_file
 
-    model, processor = _world(p)
-    v = p["visual"]
+    from stagediff.data.items import vqa_items
+    from stagediff.io import atomic_file, write_json, write_parquet
+    from stagediff.patching.heads import mean_visual_embedding
+    from stagediff.visual.experiments import (knockout_table, load_questions, logit_lens_table, object_records,
+                                              token_ablation, token_sets)
+
+    p = _params(a.params)
+    pc, v = p["patching"], p["visual"]
+    model, processor = _world(p, a.device)
+    items = vqa_items(p["data"], "train", p["prompts"], {}, pc["mean_samples"], p["seed"])  # families unused
+    mean = mean_visual_embedding(model, processor, items, pc["mean_per_position"])
+    log.info("mean visual embedding over %d training questions' images: shape %s", len(items), tuple(mean.shape))
+    with atomic_file(a.mean) as tmp:
+        save_file({"mean": mean.contiguous()}, str(tmp), metadata={"n_items": str(len(items))})
+
     subtype = p["data"]["vqav2"]["subtypes"][v["split"]]
     grid = int(model.config.image_seq_length ** 0.5)
     records = object_records(Path(p["data"]["coco"]["root"]) / f"instances_{subtype}.json",
                              Path(p["data"]["vqav2"]["images"]) / subtype, v, p["seed"], grid,
                              processor.pad_to_square, load_questions(v["questions"]))
     log.info("%d objects in %d %s images", len(records), len({r.image_id for r in records}), v["split"])
-    return model, processor, records, grid
-
-
-def cmd_visual_ablation(a) -> None:
-    from safetensors.torch import load_file
-
-    from stagediff.io import write_parquet
-    from stagediff.visual.experiments import token_ablation, token_sets
-
-    p = _params(a.params)
-    model, processor, records, grid = _visual_setup(p)
-    mean = load_file(a.mean)["mean"]
-    sets = token_sets(model, processor, records, p["visual"], p["prompts"], mean, grid, p["seed"])
-    write_parquet(token_ablation(model, processor, records, sets, p["visual"], p["prompts"], mean, p["seed"]), a.out)
-
-
-def cmd_visual_logit_lens(a) -> None:
-    from stagediff.io import write_json, write_parquet
-    from stagediff.visual.experiments import logit_lens_table
-
-    p = _params(a.params)
-    model, processor, records, _ = _visual_setup(p)
-    table, maps = logit_lens_table(model, processor, records, p["prompts"], p["visual"])
+    sets = token_sets(model, processor, records, v, p["prompts"], mean, grid, p["seed"])
+    write_parquet(token_ablation(model, processor, records, sets, v, p["prompts"], mean, p["seed"]), a.ablation)
+    table, maps = logit_lens_table(model, processor, records, p["prompts"], v)
     best = table.groupby("layer").fraction.mean()
     log.info("logit lens: object-patch share decoding to the class word per layer %s; best layer %d",
              best.round(3).to_dict(), int(best.idxmax()))
-    write_parquet(table, a.out)
+    write_parquet(table, a.logit_lens)
     write_json(maps, a.maps)
-
-
-def cmd_visual_knockout(a) -> None:
-    from stagediff.io import write_parquet
-    from stagediff.visual.experiments import knockout_table
-
-    p = _params(a.params)
-    model, processor, records, grid = _visual_setup(p)
-    write_parquet(knockout_table(model, processor, records, p["visual"], p["prompts"], grid), a.out)
+    write_parquet(knockout_table(model, processor, records, v, p["prompts"], grid), a.knockout)
 
 
 def cmd_visual_figures(a) -> None:
@@ -458,6 +447,9 @@ def cmd_visual_figures(a) -> None:
                    pd.read_parquet(a.knockout), a.out_dir, _params(a.params)["pad_to_square"])
 
 
+# where a job computes: auto = CUDA when usable (rules pass the config's `device`)
+DEVICE = ("--device", {"choices": ["auto", "cpu", "cuda"], "default": "auto",
+                       "help": "where the model and the SAEs run (default: auto, CUDA when usable)"})
 # subcommand: (function, help, options); an option is a name or (name, argparse kwargs)
 COMMANDS = {
     "check-config": (cmd_check_config, "validate a config file and print a summary", [("config", {})]),
@@ -468,22 +460,24 @@ COMMANDS = {
                      ["--params", "--data", "--base-lm", ("--layer", {"type": int, "required": True}), "--out"]),
     "toy-vlm": (cmd_toy_vlm, "visual-instruction-tune the toy LLaVA from the base LM",
                 ["--params", "--base-lm", "--out"]),
-    "plan": (cmd_plan, "jobs per rule, cache size per layer and GPU-hours of a config, before running it",
-             [("config", {}), ("--text-tokens", {"type": int, "default": 20, "help": "text tokens per sample"}),
-              ("--gpu-tflops", {"type": float, "default": 989.0, "help": "peak (H100 bf16 dense: 989)"}),
-              ("--mfu", {"type": float, "default": 0.4, "help": "utilisation of the peak"})]),
+    "plan": (cmd_plan, "per rule: jobs, memory vs request, GPU-hours; model loads, cache passes, disk",
+             [("config", {}), ("--gpu-mem", {"type": float, "default": 80.0, "help": "GPU memory in GB"})]),
     "convert-llava": (cmd_convert_llava, "original LLaVA(-MORE) checkpoint -> HF LlavaForConditionalGeneration",
                       ["--checkpoint", "--vision-tower", "--out",
                        ("--dtype", {"choices": ["float32", "float16", "bfloat16"], "default": "bfloat16"})]),
-    "vlm-accuracy": (cmd_vlm_accuracy, "held-out VLM accuracy per question family (Parquet)", ["--params", "--out"]),
+    "vlm-accuracy": (cmd_vlm_accuracy, "held-out VLM accuracy per question family (Parquet)",
+                     ["--params", DEVICE, "--out"]),
     "cache": (cmd_cache, "cache residual activations of a layer group to Zarr (one forward)",
-              ["--params", ("--layers", {"type": int, "nargs": "+", "required": True}),
-               ("--out", {"nargs": "+", "required": True, "help": "one store path per layer, same order"})]),
+              ["--params", DEVICE, ("--layers", {"type": int, "nargs": "+", "required": True}),
+               ("--out", {"nargs": "+", "required": True, "help": "one store path per layer, same order"}),
+               ("--train-out", {"nargs": "+", "help": "the train split's stores, one per layer (default: in --out)"})]),
     "sae-finetune": (cmd_sae_finetune, "warm-start (or randomly init) one layer's SAE under one regime",
-                     ["--params", "--cache", "--base-sae", ("--layer", {"type": int, "required": True}),
-                      ("--regime", {"required": True}), "--checkpoint-dir", "--out"]),
+                     ["--params", DEVICE, "--cache",
+                      ("--heldout", {"help": "the store with the val split (default: --cache)"}), "--base-sae",
+                      ("--layer", {"type": int, "required": True}), ("--regime", {"required": True}), "--checkpoint-dir",
+                      ("--read-ahead", {"type": int, "default": 4, "help": "cache reads in flight"}), "--out"]),
     "sae-evaluate": (cmd_sae_evaluate, "held-out FVU/L0/dead per regime x modality for one layer (Parquet)",
-                     ["--params", "--cache", "--base-sae", ("--layer", {"type": int, "required": True}),
+                     ["--params", DEVICE, "--cache", "--base-sae", ("--layer", {"type": int, "required": True}),
                       ("--saes", {"nargs": "+", "required": True, "help": "one SAE folder per regime, config order"}),
                       ("--base-form", {"choices": ["topk", "jumprelu"], "default": "topk",
                                        "help": "base rows: the paper's TopK or the release's JumpReLU"}),
@@ -493,7 +487,7 @@ COMMANDS = {
     "sae-figures": (cmd_sae_figures, "Fig 1 and Fig 6 (PNG + PDF) and the FVU summary table",
                     ["--table", ("--curves", {"nargs": "+", "required": True}), "--out-dir"]),
     "diff-layer": (cmd_diff_layer, "per-feature decoder cosine, visual energy, firing rates for one layer",
-                   ["--params", "--cache", "--base-sae", ("--layer", {"type": int, "required": True}),
+                   ["--params", DEVICE, "--cache", "--base-sae", ("--layer", {"type": int, "required": True}),
                     ("--saes", {"nargs": "+", "required": True, "help": "one SAE folder per regime, config order"}),
                     "--out"]),
     "diff-adapted": (cmd_diff_adapted, "the global adapted set and the (p_cos, epsilon) threshold sweep",
@@ -501,40 +495,34 @@ COMMANDS = {
     "diff-figures": (cmd_diff_figures, "Fig 2, 5, 7, 8 (PNG + PDF)",
                      ["--params", "--features", "--sweep", "--selected", "--out-dir"]),
     "shift-layer": (cmd_shift_layer, "firing frequency, delta p, odds ratio, p-value per feature and split, one layer",
-                    ["--params", "--cache", "--sae", ("--layer", {"type": int, "required": True}), "--out"]),
+                    ["--params", DEVICE, "--cache", "--sae", ("--layer", {"type": int, "required": True}), "--out"]),
     "shift-candidates": (cmd_shift_candidates, "multiple-comparison correction and the candidate flag",
                          ["--params", ("tables", {"nargs": "+"}), "--out"]),
     "shift-figures": (cmd_shift_figures, "Fig 9 (spatial) and Fig 10 (OCR), PNG + PDF", ["--table", "--out-dir"]),
-    "neutral-layer": (cmd_neutral_layer, "neutral-prompt filter: rerun top samples of one layer's candidates",
-                      ["--params", "--cache", "--sae", "--shift", "--adapted",
-                       ("--layer", {"type": int, "required": True}), "--out"]),
+    "neutral": (cmd_neutral, "neutral-prompt filter of every layer: rerun its candidates' top samples",
+                ["--params", DEVICE, "--shift", "--adapted", ("--layers", {"type": int, "nargs": "+", "required": True}),
+                 ("--caches", {"nargs": "+", "required": True}), ("--saes", {"nargs": "+", "required": True}),
+                 ("--out", {"nargs": "+", "required": True, "help": "one evidence table per layer, same order"})]),
     "select-features": (cmd_select_features, "candidates ∩ neutral survivors ∩ adapted, ranked; top-N downstream",
                         ["--params", "--shift", "--adapted", ("--evidence", {"nargs": "+", "required": True}),
                          "--evidence-out", "--out"]),
-    "autointerp-examples": (cmd_autointerp_examples, "top-activating samples, held-out positives, negatives per feature",
-                            ["--params", "--sae", "--selected", ("--layer", {"type": int, "required": True}), "--out"]),
+    "study-layer": (cmd_study_layer, "one layer's downstream features with the VLM: auto-interp examples, "
+                    "attribution patching (Methods A, B; exact check), ablation (VSR, VQA, controls)",
+                    ["--params", DEVICE, "--cache", "--sae", "--selected", "--mean",
+                     ("--layer", {"type": int, "required": True}), "--examples", "--patching-dir", "--scores",
+                     "--validation", "--ablation"]),
     "autointerp-describe": (cmd_autointerp_describe, "describe each feature (LLM or offline) and validate it (F1)",
                             ["--params", "--examples", "--out-dir", "--summary"]),
     "autointerp-figures": (cmd_autointerp_figures, "Fig 3-style panels: top samples, activations, description",
                            ["--params", ("dirs", {"nargs": "+"}), "--out-dir"]),
-    "patching-mean": (cmd_patching_mean, "the mean visual-token embedding (the corrupt run's input)",
-                      ["--params", "--out"]),
-    "patching-layer": (cmd_patching_layer, "attribution patching (Methods A, B; exact check) of a layer's features",
-                       ["--params", "--cache", "--sae", "--selected", "--mean", ("--layer", {"type": int, "required": True}),
-                        "--out-dir", "--scores", "--validation"]),
-    "ablation-layer": (cmd_ablation_layer, "ablate each downstream feature of a layer: VSR, VQA, random controls",
-                       ["--params", "--sae", "--selected", ("--layer", {"type": int, "required": True}), "--out"]),
     "ablation-table": (cmd_ablation_table, "Tables 1 and 2 (Parquet, Markdown, LaTeX) from the per-layer rows",
                        ["--params", ("tables", {"nargs": "+"}), "--per-seed", "--out", "--markdown", "--latex"]),
     "patching-figures": (cmd_patching_figures, "Fig 13, 14, 15/16 and head recurrence (Fig 4 idea)",
                          ["--params", ("--scores", {"nargs": "+", "required": True}),
                           ("--dirs", {"nargs": "+", "required": True}), "--out-dir"]),
-    "visual-ablation": (cmd_visual_ablation, "Neo et al. Table 1: mean-ablate object/buffer/register/IG/random tokens",
-                        ["--params", "--mean", "--out"]),
-    "visual-logit-lens": (cmd_visual_logit_lens, "logit lens on visual tokens: class-word share per layer",
-                          ["--params", "--out", "--maps"]),
-    "visual-knockout": (cmd_visual_knockout, "Neo et al. Table 2: attention knockout between token groups",
-                        ["--params", "--out"]),
+    "visual-tokens": (cmd_visual_tokens, "Neo et al.: mean visual embedding, token ablation (Table 1), logit lens, "
+                      "attention knockout (Table 2)",
+                      ["--params", DEVICE, "--mean", "--ablation", "--logit-lens", "--maps", "--knockout"]),
     "visual-figures": (cmd_visual_figures, "token-ablation, logit-lens and knockout figures and Markdown tables",
                        ["--params", "--ablation", "--logit-lens", "--maps", "--knockout", "--out-dir"]),
 }

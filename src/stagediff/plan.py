@@ -1,15 +1,15 @@
 """``stagediff plan <config>``: what a run will cost, before it is launched.
 
 Job counts come from Snakemake itself: a dry run of the real workflow on empty stand-ins for
-every file the config names (so it works before anything is downloaded). Disk and compute come
-from the model's shapes, read from its config.json files (a few KB; fetch those first):
+every file the config names (so it works before anything is downloaded). Memory, time and disk
+come from the model's shapes, read from its config.json files (a few KB; fetch those first), and
+the config's sizes, through ``stagediff.resources`` (the same estimates the rules request):
 
-* cache: per layer, tokens x d_model x bytes of the cache dtype, plus 17 B of per-token
-  metadata (sample id, position, token id, split; on disk once per layer group, whose stores
-  share it by hard links), for all tokens and for text tokens only;
-* FLOPs: 2 x parameters per token for a forward (6 x for training), the LM up to the deepest
-  cached layer; GPU-hours = FLOPs / (peak x utilisation). Stages whose work depends on which
-  features get selected (neutral filter, patching, ablation) are counted as jobs only.
+* per rule: jobs, peak host / GPU memory of one job against its request, GPU-hours;
+* model loads (jobs that load the VLM) and cache passes (forward passes over the data, a layer
+  group costing the share of the LM up to its deepest layer);
+* disk: per layer and split, tokens x d_model x bytes of the cache dtype plus 17 B of per-token
+  metadata (sample id, position, token id, split), and the run's total.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from stagediff import config as sdc
+from stagediff import resources as res
 
 REPO = Path(__file__).resolve().parents[2]
 BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -39,6 +40,7 @@ class Arch:
     vision_d: int
     vision_layers: int
     vision_mlp: int
+    vocab: int = 0
 
     @property
     def lm_block_params(self) -> int:  # attention (GQA ignored: an upper bound) + gated MLP
@@ -55,7 +57,8 @@ def architecture(cfg: dict) -> Arch:
         t = cfg["toy"]
         v = t["vlm"]["vision"]
         return Arch(t["base_lm"]["d_model"], t["base_lm"]["n_layers"], t["base_lm"]["d_mlp"],
-                    (t["data"]["image_size"] // v["patch_size"]) ** 2, v["d_model"], v["n_layers"], 4 * v["d_model"])
+                    (t["data"]["image_size"] // v["patch_size"]) ** 2, v["d_model"], v["n_layers"], 4 * v["d_model"],
+                    256)  # the toy tokenizer's order of magnitude: its weights are KBs either way
     m = cfg["model"]
     hf = Path(m["vlm"]) / "config.json"
     if hf.is_file():
@@ -72,7 +75,7 @@ def architecture(cfg: dict) -> Arch:
         vision = vision.get("vision_config", vision)
     return Arch(text["hidden_size"], text["num_hidden_layers"], text["intermediate_size"],
                 (vision["image_size"] // vision["patch_size"]) ** 2, vision["hidden_size"],
-                vision["num_hidden_layers"], vision["intermediate_size"])
+                vision["num_hidden_layers"], vision["intermediate_size"], text.get("vocab_size", 0))
 
 
 def standin_config(raw: dict, root: Path) -> dict:
@@ -137,54 +140,70 @@ def sae_width(raw: dict, arch: Arch) -> int:
     return json.loads(hp.read_text())["d_sae"] if hp.is_file() else 8 * arch.d_model
 
 
-def plan(config_file: str | Path, text_tokens: int = 20, gpu_tflops: float = 989.0, mfu: float = 0.4) -> dict:
-    """Jobs per rule, cache size per layer and split, and FLOPs / GPU-hours of the heavy stages."""
+def plan(config_file: str | Path, gpu_mem_gb: float = 80.0) -> dict:
+    """Jobs, memory and time per rule, model loads, cache passes, disk and GPU-hours of a config."""
     raw = yaml.safe_load(Path(config_file).read_text())
     cfg, jobs = job_counts(raw, str(config_file))
-    arch = architecture(cfg if "toy" in raw else raw)  # the user's own model files, not stand-ins
+    real = cfg  # the validated config (defaults filled), with the user's own model and SAE files
+    if "toy" not in raw:
+        real = {**cfg, "model": {**cfg["model"], **raw["model"]},
+                "base_sae": {**cfg["base_sae"], "path": raw["base_sae"]["path"]}}
+    arch = architecture(real)
+    d_sae = sae_width(real, arch)
+    seq = arch.image_tokens + res.TEXT_TOKENS
     c = cfg["cache"]
-    seq = arch.image_tokens + text_tokens
     per_token = arch.d_model * BYTES[c["dtype"]] + META_BYTES
     disk = {split: {"samples": n, "all_tokens_gb": n * seq * per_token / 1e9,
-                    "text_tokens_gb": n * text_tokens * per_token / 1e9}
+                    "text_tokens_gb": n * res.TEXT_TOKENS * per_token / 1e9}
             for split, n in c["splits"].items() if n}
-
-    def forward(n_samples: int, blocks: int) -> float:
-        return n_samples * (2 * arch.vision_params * (arch.image_tokens + 1) + 2 * arch.lm_block_params * blocks * seq)
-
-    n_cache = sum(c["splits"].values())
+    layer_gb = sum(d["all_tokens_gb"] for d in disk.values())
+    requests = res.requests(real, list(jobs))
+    rules = {}
+    for rule, n in jobs.items():
+        e = res.estimate(rule, real, arch, d_sae, seq)
+        r = requests[rule]
+        hours = n * e.seconds / 3600
+        if rule == "study_layer":  # the requests assume the worst case per layer; in all, the features
+            # are studied once: every layer's fixed part (its auto-interp pool) plus each feature once
+            fixed = res.model_flops(rule, real, arch, seq, features=0)
+            per = res.model_flops(rule, real, arch, seq, features=1) - fixed
+            hours = (n * fixed + res.downstream_features(real) * per) / (res.PEAK["bf16"] * 0.4) / 3600
+        rules[rule] = {"jobs": n, "kind": res.rule_kind(rule), "host_gb": e.host / 1e9, "gpu_gb": e.gpu / 1e9,
+                       "request_gb": r["mem_mb"] / 1000, "runtime_min": r["runtime"], "gpu": r["gpu"],
+                       "gpu_hours": hours if r["gpu"] else 0.0,
+                       "fits": e.host <= r["mem_mb"] * 1e6 and e.gpu <= gpu_mem_gb * 1e9
+                       and e.seconds <= r["runtime"] * 60}
     groups = c["layer_groups"] or [cfg["layers"]]
-    s = cfg["sae_finetune"]
-    d_sae = sae_width(raw, arch)
-    pool = cfg["autointerp"]["pool"]
-    n_eval = cfg["evaluate_vlm"]["n"] or c["splits"].get("val", 0)
-    flops = {
-        "cache_activations": sum(forward(n_cache, max(g) + 1) for g in groups),
-        # forward + backward (3x) of encoder and decoder matmuls, per layer and regime
-        "sae_finetune": len(cfg["layers"]) * len(s["regimes"]) * 6 * s["tokens"] * 2 * arch.d_model * d_sae,
-        "vlm_accuracy": 2 * forward(n_eval, arch.n_layers),  # VQAv2 and VSR items
-        "autointerp_examples": len(cfg["layers"]) * forward(pool["vqa"] + pool["vsr"], arch.n_layers),
-    }
-    hours = {k: v / (gpu_tflops * 1e12 * mfu) / 3600 for k, v in flops.items()}
-    return {"jobs": jobs, "disk": disk, "flops": flops, "gpu_hours": hours, "text_tokens": text_tokens,
-            "arch": arch, "assumptions": {"gpu_tflops": gpu_tflops, "mfu": mfu, "d_sae": d_sae}}
+    return {"jobs": jobs, "rules": rules, "disk": disk, "arch": arch, "d_sae": d_sae, "gpu_mem_gb": gpu_mem_gb,
+            "model_loads": sum(n for rule, n in jobs.items() if rule == "convert_llava" or res.rule_kind(rule) == "model"),
+            "cache_passes": sum(max(g) + 1 for g in groups) / arch.n_layers,
+            "disk_total_gb": layer_gb * len(cfg["layers"]), "disk_peak_gb": layer_gb * len(cfg["layers"]),
+            "disk_kept_gb": len(cfg["layers"]) * sum(d["all_tokens_gb"] for s, d in disk.items()
+                                                     if s != "train" or c["keep_train"]),
+            "disk_budget_gb": c["disk_budget_gb"], "gpu_hours": {k: v["gpu_hours"] for k, v in rules.items()}}
 
 
 def render(p: dict) -> str:
     a = p["arch"]
-    lines = [f"model: d_model {a.d_model}, {a.n_layers} layers, {a.image_tokens} image tokens + "
-             f"{p['text_tokens']} text tokens per sample (text: --text-tokens)", "", "jobs per rule:"]
-    lines += [f"  {rule:<24} {n:>6}" for rule, n in p["jobs"].items()]
-    lines += [f"  {'total':<24} {sum(p['jobs'].values()):>6}", "", "activation cache, per layer:"]
+    lines = [f"model: d_model {a.d_model}, {a.n_layers} layers, d_sae {p['d_sae']}, {a.image_tokens} image + "
+             f"{res.TEXT_TOKENS} text tokens per sample; GPU memory {p['gpu_mem_gb']:g} GB (--gpu-mem)", "",
+             f"  {'rule':<24} {'jobs':>5} {'host GB':>8} {'request':>8} {'GPU GB':>7} {'minutes':>8} "
+             f"{'GPU-h':>8}  fits"]
+    for rule, r in p["rules"].items():
+        lines.append(f"  {rule:<24} {r['jobs']:>5} {r['host_gb']:>8.1f} {r['request_gb']:>8.1f} "
+                     f"{r['gpu_gb']:>7.1f} {r['runtime_min']:>8} {r['gpu_hours']:>8.2f}  {'yes' if r['fits'] else 'NO'}")
+    total_h = sum(p["gpu_hours"].values())
+    lines += [f"  {'total':<24} {sum(p['jobs'].values()):>5} {'':>8} {'':>8} {'':>7} {'':>8} {total_h:>8.2f}", "",
+              f"model loads: {p['model_loads']}    cache passes over the data: {p['cache_passes']:.2f}", "",
+              "activation cache, per layer:"]
     for split, d in p["disk"].items():
         lines.append(f"  {split:<6} {d['samples']:>8} samples: {d['all_tokens_gb']:10.2f} GB all tokens, "
                      f"{d['text_tokens_gb']:8.2f} GB text tokens only")
-    total = sum(d["all_tokens_gb"] for d in p["disk"].values())
-    lines += [f"  all splits: {total:.2f} GB per layer", "",
-              f"GPU-hours at {p['assumptions']['gpu_tflops']:g} TFLOP/s x {p['assumptions']['mfu']:g} utilisation "
-              "(--gpu-tflops, --mfu):"]
-    lines += [f"  {k:<24} {p['flops'][k]:10.3g} FLOP {h:10.2f} h" for k, h in p["gpu_hours"].items()]
-    lines.append(f"  {'total':<24} {sum(p['flops'].values()):10.3g} FLOP {sum(p['gpu_hours'].values()):10.2f} h")
-    lines.append("  (neutral filter, patching, ablation and visual stages depend on the selected features: "
-                 "jobs only)")
+    budget = p["disk_budget_gb"]
+    verdict = ("cache.disk_budget_gb not set" if budget is None else
+               f"budget {budget:g} GB: {'within' if p['disk_peak_gb'] <= budget else 'EXCEEDED'}")
+    lines.append(f"disk: {p['disk_total_gb']:.0f} GB written, peak {p['disk_peak_gb']:.0f} GB ({verdict}; every "
+                 f"cache job may finish before the first SAE starts), {p['disk_kept_gb']:.0f} GB kept at the end")
+    lines.append("(GPU-hours at the request's assumed rates: bf16 989 TFLOP/s x 0.4 for the VLM, TF32 495 x 0.5 "
+                 "for SAE math, 1 GB/s disk reads and writes; selection-dependent stages at their worst case)")
     return "\n".join(lines)

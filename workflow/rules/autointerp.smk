@@ -1,36 +1,10 @@
-# Auto-interp (paper §5.1, A.8): examples need the VLM (a GPU job), describing needs only the API
-# (or the offline backend), so they are separate jobs: an API job never holds a GPU.
-
-EXAMPLE_KEYS = ("top_k", "n_heldout", "rounds", "negative_ratio", "pool")
-
-
-rule autointerp_examples:
-    input:
-        **world_inputs(),
-        sae=sae_path("{layer}", config["diff"]["regime"]),
-        selected=rules.select_features.output.selected,
-    output:
-        f"{OUT}/autointerp/examples/L{{layer}}.json",
-    params:
-        # only what choosing examples depends on: switching the backend does not rerun the VLM
-        p=params_json("data", "prompts", "question_splits", "model", "seed", "device",
-                      autointerp={k: config["autointerp"][k] for k in EXAMPLE_KEYS}),
-    log:
-        f"{LOGS}/autointerp_examples/L{{layer}}.log",
-    threads: 2
-    resources:
-        **GPU_JOB,
-    conda:
-        ENV
-    shell:
-        "stagediff autointerp-examples --params {params.p:q} --sae {input.sae} --selected {input.selected}"
-        " --layer {wildcards.layer} --out {output} --log {log}"
-
+# Auto-interp (paper §5.1, A.8): the examples come from the layer's VLM job (study.smk), describing
+# needs only the API (or the offline backend), so it is a CPU job: an API job never holds a GPU.
 
 rule autointerp_describe:
     input:
         **({"data": f"{config['toy']['root']}/data"} if TOY else {}),
-        examples=rules.autointerp_examples.output[0],
+        examples=rules.study_layer.output.examples,
     output:
         features=directory(f"{OUT}/autointerp/L{{layer}}"),
         summary=f"{OUT}/autointerp/L{{layer}}.parquet",
@@ -39,7 +13,7 @@ rule autointerp_describe:
     log:
         f"{LOGS}/autointerp_describe/L{{layer}}.log",
     resources:
-        **CPU_JOB,
+        **job_resources("autointerp_describe"),
     conda:
         ENV
     shell:
@@ -55,7 +29,7 @@ rule autointerp_summary:
     log:
         f"{LOGS}/autointerp_summary.log",
     resources:
-        **CPU_JOB,
+        **job_resources("autointerp_summary"),
     conda:
         ENV
     shell:
@@ -73,7 +47,7 @@ rule autointerp_figures:
     log:
         f"{LOGS}/autointerp_figures.log",
     resources:
-        **CPU_JOB,
+        **job_resources("autointerp_figures"),
     conda:
         ENV
     shell:

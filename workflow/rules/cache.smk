@@ -8,16 +8,16 @@ rule vlm_accuracy:
     output:
         report(f"{OUT}/tables/vlm_accuracy.parquet", caption="../report/vlm_accuracy.rst", category="VLM"),
     params:
-        p=params_json("data", "model", "prompts", "question_splits", "evaluate_vlm", "seed", "device"),
+        p=params_json("data", "model", "prompts", "question_splits", "evaluate_vlm", "seed"),
     log:
         f"{LOGS}/vlm_accuracy.log",
     threads: 2
     resources:
-        **GPU_JOB,
+        **job_resources("vlm_accuracy"),
     conda:
         ENV
     shell:
-        "stagediff vlm-accuracy --params {params.p:q} --out {output} --log {log}"
+        "stagediff vlm-accuracy --params {params.p:q} --device {resources.device} --out {output} --log {log}"
 
 
 for _gid, _group in enumerate(layer_groups()):
@@ -28,16 +28,18 @@ for _gid, _group in enumerate(layer_groups()):
         input:
             **world_inputs(),
         output:
-            [directory(cache_path(layer)) for layer in _group],
+            heldout=[directory(cache_path(layer)) for layer in _group],
+            train=[train_cache_output(layer) for layer in _group],
         params:
-            p=params_json("data", "model", "prompts", "question_splits", "cache", "seed", "device"),
+            p=params_json("data", "model", "prompts", "cache", "seed"),
             layers=" ".join(map(str, _group)),
         log:
             f"{LOGS}/cache_activations_g{_gid}.log",
         threads: 2
         resources:
-            **GPU_JOB,
+            **job_resources(f"cache_activations_g{_gid}"),
         conda:
             ENV
         shell:
-            "stagediff cache --params {params.p:q} --layers {params.layers} --out {output} --log {log}"
+            "stagediff cache --params {params.p:q} --device {resources.device} --layers {params.layers}"
+            " --out {output.heldout} --train-out {output.train} --log {log}"

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import stagediff.config as sdc
+import stagediff.resources as sdr
 
 config.update(sdc.validate(config, source="config"))
 
@@ -16,12 +17,16 @@ ENV = "../../envs/stagediff.yaml"
 REGIMES = config["sae_finetune"]["regimes"]
 
 
-def job_resources(kind):
-    """A job's cluster request from config `resources`: memory and minutes grow with the attempt,
-    so a job killed for OOM or TIMEOUT is retried (profile `retries`) with more of both."""
-    r = config["resources"][kind]
+def job_resources(rule):
+    """A rule's cluster request (stagediff.resources: derived from the config's sizes, overridden by
+    its `resources` table); memory and minutes grow with the attempt, so a job killed for OOM or
+    TIMEOUT is retried (profile `retries`) with more of both."""
+    r = sdr.requests(config, [rule])[rule]
     return {
-        **({"gpu": 1} if kind == "gpu" else {}),  # --gpus=1; never also `gres` (a double request)
+        **({"gpu": r["gpu"]} if r["gpu"] else {}),  # --gpus=N; never also `gres` (a double request)
+        # where the job computes: a resource, not a param, so `device: auto` -> `cuda` reruns nothing
+        "device": config["device"],
+        "cpus_per_task": r["cpus"],
         "mem_mb": lambda wildcards, attempt: r["mem_mb"] * attempt,
         "runtime": lambda wildcards, attempt: r["runtime"] * attempt,
     }
@@ -30,11 +35,7 @@ def job_resources(kind):
 def convert_mem_mb(wildcards, input, attempt):
     """Conversion holds the weights about three times over (read, renamed, cast)."""
     weights = sum(f.stat().st_size for f in Path(input.checkpoint).glob("*.safetensors")) >> 20
-    return max(config["resources"]["cpu"]["mem_mb"], 3 * weights) * attempt
-
-
-GPU_JOB = job_resources("gpu")
-CPU_JOB = job_resources("cpu")
+    return max(sdr.requests(config, ["convert_llava"])["convert_llava"]["mem_mb"], 3 * weights) * attempt
 
 
 wildcard_constraints:
@@ -56,7 +57,19 @@ def layer_groups():
 
 
 def cache_path(layer):
+    """The layer's held-out store (val, test): what every stage after SAE training reads."""
     return f"{OUT}/activations/{config['cache']['dataset']}/L{layer}.zarr"
+
+
+def train_cache_path(layer):
+    """The layer's train store: read by its SAE trainings only, deleted after them unless
+    `cache.keep_train` (then rerunning one layer's SAEs needs no new cache pass)."""
+    return f"{OUT}/activations/{config['cache']['dataset']}/L{layer}_train.zarr"
+
+
+def train_cache_output(layer):
+    out = directory(train_cache_path(layer))
+    return out if config["cache"]["keep_train"] else temp(out)
 
 
 def sae_path(layer, regime):
@@ -66,6 +79,7 @@ def sae_path(layer, regime):
 def sae_finetune_params(wildcards):
     """The SAE settings with only this layer's learning-rate factor (one layer stale, not all)."""
     sae = dict(config["sae_finetune"])
+    sae.pop("read_ahead")  # how fast it reads, not what it computes
     scale = sae.pop("lr_layer_scale")
     sae["lr_layer_scale"] = {wildcards.layer: scale[wildcards.layer]} if wildcards.layer in scale else {}
     return sdc.dumps({"seed": config["seed"], "sae_finetune": sae})

@@ -15,11 +15,11 @@ rule diff_layer:
         f"{LOGS}/diff_layer/L{{layer}}.log",
     threads: 2
     resources:
-        **CPU_JOB,
+        **job_resources("diff_layer"),
     conda:
         ENV
     shell:
-        "stagediff diff-layer --params {params.p:q} --cache {input.cache} --base-sae {input.base_sae}"
+        "stagediff diff-layer --params {params.p:q} --device {resources.device} --cache {input.cache} --base-sae {input.base_sae}"
         " --layer {wildcards.layer} --saes {input.saes} --out {output} --log {log}"
 
 
@@ -35,7 +35,7 @@ rule diff_adapted:
     log:
         f"{LOGS}/diff_adapted.log",
     resources:
-        **CPU_JOB,
+        **job_resources("diff_adapted"),
     conda:
         ENV
     shell:
@@ -55,7 +55,7 @@ rule diff_figures:
     log:
         f"{LOGS}/diff_figures.log",
     resources:
-        **CPU_JOB,
+        **job_resources("diff_figures"),
     conda:
         ENV
     shell:
@@ -76,11 +76,11 @@ rule shift_layer:
         f"{LOGS}/shift_layer/L{{layer}}.log",
     threads: 2
     resources:
-        **CPU_JOB,
+        **job_resources("shift_layer"),
     conda:
         ENV
     shell:
-        "stagediff shift-layer --params {params.p:q} --cache {input.cache} --sae {input.sae}"
+        "stagediff shift-layer --params {params.p:q} --device {resources.device} --cache {input.cache} --sae {input.sae}"
         " --layer {wildcards.layer} --out {output} --log {log}"
 
 
@@ -94,7 +94,7 @@ rule shift_candidates:
     log:
         f"{LOGS}/shift_candidates.log",
     resources:
-        **CPU_JOB,
+        **job_resources("shift_candidates"),
     conda:
         ENV
     shell:
@@ -110,41 +110,45 @@ rule shift_figures:
     log:
         f"{LOGS}/shift_figures.log",
     resources:
-        **CPU_JOB,
+        **job_resources("shift_figures"),
     conda:
         ENV
     shell:
         "stagediff shift-figures --table {input} --out-dir {output} --log {log}"
 
 
-rule neutral_layer:
+rule neutral:
+    # every layer in one job: one VLM load (selection is global, so a stale layer makes every
+    # layer's filter stale anyway)
     input:
         **world_inputs(),
-        cache=cache_path("{layer}"),
-        sae=sae_path("{layer}", config["diff"]["regime"]),
+        caches=[cache_path(layer) for layer in LAYERS],
+        saes=[sae_path(layer, config["diff"]["regime"]) for layer in LAYERS],
         shift=rules.shift_candidates.output[0],
         adapted=rules.diff_adapted.output.features,
     output:
-        f"{OUT}/neutral/L{{layer}}.parquet",
+        [f"{OUT}/neutral/L{layer}.parquet" for layer in LAYERS],
     params:
-        p=params_json("neutral", "shift", "data", "prompts", "question_splits", "model", "seed", "device"),
+        p=params_json("neutral", "shift", "data", "prompts", "question_splits", "model", "seed"),
+        layers=" ".join(map(str, LAYERS)),
     log:
-        f"{LOGS}/neutral_layer/L{{layer}}.log",
+        f"{LOGS}/neutral.log",
     threads: 2
     resources:
-        **GPU_JOB,
+        **job_resources("neutral"),
     conda:
         ENV
     shell:
-        "stagediff neutral-layer --params {params.p:q} --cache {input.cache} --sae {input.sae}"
-        " --shift {input.shift} --adapted {input.adapted} --layer {wildcards.layer} --out {output} --log {log}"
+        "stagediff neutral --params {params.p:q} --device {resources.device} --shift {input.shift}"
+        " --adapted {input.adapted} --layers {params.layers} --caches {input.caches} --saes {input.saes}"
+        " --out {output} --log {log}"
 
 
 rule select_features:
     input:
         shift=rules.shift_candidates.output[0],
         adapted=rules.diff_adapted.output.features,
-        evidence=expand(rules.neutral_layer.output[0], layer=LAYERS),
+        evidence=rules.neutral.output,
     output:
         selected=report(f"{OUT}/tables/selected_features.parquet", caption="../report/selected.rst",
                         category="Diffing"),
@@ -155,7 +159,7 @@ rule select_features:
     log:
         f"{LOGS}/select_features.log",
     resources:
-        **CPU_JOB,
+        **job_resources("select_features"),
     conda:
         ENV
     shell:

@@ -4,7 +4,8 @@
 
 rule sae_finetune:
     input:
-        cache=cache_path("{layer}"),
+        cache=train_cache_path("{layer}"),
+        heldout=cache_path("{layer}"),
         base_sae=config["base_sae"]["path"],
     output:
         directory(sae_path("{layer}", "{regime}")),
@@ -15,12 +16,15 @@ rule sae_finetune:
         f"{LOGS}/sae_finetune/L{{layer}}_{{regime}}.log",
     threads: 2
     resources:
-        **GPU_JOB,
+        **job_resources("sae_finetune"),
+        read_ahead=config["sae_finetune"]["read_ahead"],  # how fast it reads, not what it computes
     conda:
         ENV
     shell:
-        "stagediff sae-finetune --params {params.p:q} --cache {input.cache} --base-sae {input.base_sae}"
+        "stagediff sae-finetune --params {params.p:q} --device {resources.device} --cache {input.cache}"
+        " --heldout {input.heldout} --base-sae {input.base_sae}"
         " --layer {wildcards.layer} --regime {wildcards.regime} --checkpoint-dir {params.checkpoints}"
+        " --read-ahead {resources.read_ahead}"
         " --out {output} --log {log}"
 
 
@@ -38,11 +42,11 @@ rule sae_evaluate:
         f"{LOGS}/sae_evaluate/L{{layer}}.log",
     threads: 2
     resources:
-        **CPU_JOB,
+        **job_resources("sae_evaluate"),
     conda:
         ENV
     shell:
-        "stagediff sae-evaluate --params {params.p:q} --cache {input.cache} --base-sae {input.base_sae}"
+        "stagediff sae-evaluate --params {params.p:q} --device {resources.device} --cache {input.cache} --base-sae {input.base_sae}"
         " --base-form {params.base_form} --layer {wildcards.layer} --saes {input.saes} --out {output} --log {log}"
 
 
@@ -54,7 +58,7 @@ rule sae_fvu_table:
     log:
         f"{LOGS}/sae_fvu_table.log",
     resources:
-        **CPU_JOB,
+        **job_resources("sae_fvu_table"),
     conda:
         ENV
     shell:
@@ -71,7 +75,7 @@ rule sae_figures:
     log:
         f"{LOGS}/sae_figures.log",
     resources:
-        **CPU_JOB,
+        **job_resources("sae_figures"),
     conda:
         ENV
     shell:

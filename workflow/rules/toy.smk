@@ -11,7 +11,7 @@ if TOY:
         log:
             f"{LOGS}/toy_data.log",
         resources:
-            **CPU_JOB,
+            **job_resources("toy_data"),
         conda:
             ENV
         shell:
@@ -28,7 +28,7 @@ if TOY:
             f"{LOGS}/toy_base_lm.log",
         threads: 2
         resources:
-            **CPU_JOB,
+            **job_resources("toy_base_lm"),
         conda:
             ENV
         shell:
@@ -45,7 +45,7 @@ if TOY:
         log:
             f"{LOGS}/toy_base_sae/L{{layer}}.log",
         resources:
-            **CPU_JOB,
+            **job_resources("toy_base_sae"),
         conda:
             ENV
         shell:
@@ -62,7 +62,6 @@ if TOY:
             p=params_json(
                 "data",
                 "prompts",
-                "question_splits",
                 vlm=config["toy"]["vlm"],
                 image_size=config["toy"]["data"]["image_size"],
                 seed=config["seed"],
@@ -71,7 +70,7 @@ if TOY:
             f"{LOGS}/toy_vlm.log",
         threads: 2
         resources:
-            **CPU_JOB,
+            **job_resources("toy_vlm"),
         conda:
             ENV
         shell:

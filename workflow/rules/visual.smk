@@ -2,68 +2,42 @@
 # logit lens on visual tokens, attention knockout (Table 2), on the same VLM, data and mean embedding.
 
 
-rule visual_ablation:
-    input:
-        **world_inputs(),
-        mean=rules.patching_mean.output[0],
-    output:
-        report(f"{OUT}/tables/visual_token_ablation.parquet", caption="../report/visual.rst", category="Visual tokens"),
-    params:
-        p=params_json("visual", "data", "prompts", "model", "seed", "device"),
-    log:
-        f"{LOGS}/visual_ablation.log",
-    threads: 2
-    resources:
-        **GPU_JOB,
-    conda:
-        ENV
-    shell:
-        "stagediff visual-ablation --params {params.p:q} --mean {input.mean} --out {output} --log {log}"
-
-
-rule visual_logit_lens:
+rule visual_tokens:
+    # one VLM load for all of Neo et al.; the mean visual embedding it computes first is also the
+    # corrupted input of attribution patching
     input:
         **world_inputs(),
     output:
-        table=report(f"{OUT}/tables/visual_logit_lens.parquet", caption="../report/visual.rst",
-                     category="Visual tokens"),
+        mean=f"{OUT}/patching/mean_visual_embedding.safetensors",
+        ablation=report(f"{OUT}/tables/visual_token_ablation.parquet", caption="../report/visual.rst",
+                        category="Visual tokens"),
+        lens=report(f"{OUT}/tables/visual_logit_lens.parquet", caption="../report/visual.rst",
+                    category="Visual tokens"),
         maps=f"{OUT}/visual/logit_lens_maps.json",
+        knockout=report(f"{OUT}/tables/visual_knockout.parquet", caption="../report/visual.rst",
+                        category="Visual tokens"),
     params:
-        p=params_json("visual", "data", "prompts", "model", "seed", "device"),
+        p=params_json("visual", "data", "prompts", "model", "seed",
+                      patching={k: config["patching"][k] for k in ("mean_samples", "mean_per_position")}),
     log:
-        f"{LOGS}/visual_logit_lens.log",
-    resources:
-        **GPU_JOB,
-    conda:
-        ENV
-    shell:
-        "stagediff visual-logit-lens --params {params.p:q} --out {output.table} --maps {output.maps} --log {log}"
-
-
-rule visual_knockout:
-    input:
-        **world_inputs(),
-    output:
-        report(f"{OUT}/tables/visual_knockout.parquet", caption="../report/visual.rst", category="Visual tokens"),
-    params:
-        p=params_json("visual", "data", "prompts", "model", "seed", "device"),
-    log:
-        f"{LOGS}/visual_knockout.log",
+        f"{LOGS}/visual_tokens.log",
     threads: 2
     resources:
-        **GPU_JOB,
+        **job_resources("visual_tokens"),
     conda:
         ENV
     shell:
-        "stagediff visual-knockout --params {params.p:q} --out {output} --log {log}"
+        "stagediff visual-tokens --params {params.p:q} --device {resources.device} --mean {output.mean}"
+        " --ablation {output.ablation} --logit-lens {output.lens} --maps {output.maps}"
+        " --knockout {output.knockout} --log {log}"
 
 
 rule visual_figures:
     input:
-        ablation=rules.visual_ablation.output[0],
-        lens=rules.visual_logit_lens.output.table,
-        maps=rules.visual_logit_lens.output.maps,
-        knockout=rules.visual_knockout.output[0],
+        ablation=rules.visual_tokens.output.ablation,
+        lens=rules.visual_tokens.output.lens,
+        maps=rules.visual_tokens.output.maps,
+        knockout=rules.visual_tokens.output.knockout,
     output:
         report(directory(f"{OUT}/figures/visual"), patterns=["{name}.png"], caption="../report/visual.rst",
                category="Visual tokens"),
@@ -72,7 +46,7 @@ rule visual_figures:
     log:
         f"{LOGS}/visual_figures.log",
     resources:
-        **CPU_JOB,
+        **job_resources("visual_figures"),
     conda:
         ENV
     shell:

@@ -28,7 +28,7 @@ def pool_activations(model, processor, sae, layer: int, items: list[Item], featu
     out = []
     with torch.no_grad():
         for it, ids, h in item_residuals(model, processor, items, layer, batch_size):
-            codes = sae.dense_codes(h)[:, features]  # [tokens, features]
+            codes = sae.dense_codes(h)[:, features].cpu()  # [tokens, features]
             is_image = ids == image_id
             out.append({"item": it,
                         "tokens": [token_text(processor.tokenizer, int(t)) for t in ids[~is_image]],

@@ -36,26 +36,29 @@ COS = torch.nn.functional.cosine_similarity
 def code_stats(sae, store: ActivationStore, modality: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Σ h_f², #tokens with h_f > 0, and #tokens, over the held-out tokens of one modality."""
     folded = sae.folded()
-    sq = torch.zeros(sae.d_sae, dtype=torch.float64)
-    fired = torch.zeros(sae.d_sae, dtype=torch.long)
+    sq = torch.zeros(sae.d_sae, dtype=torch.float64, device=sae.device)
+    fired = torch.zeros(sae.d_sae, dtype=torch.long, device=sae.device)
     n = 0
-    for x in heldout_batches(store, (modality,), None):
+    for x in heldout_batches(store, (modality,), None, sae.device):
         v, i = folded.encode(x)
         on = v > 0
         sq.index_add_(0, i[on], v[on].double() ** 2)
         fired += torch.bincount(i[on], minlength=sae.d_sae)
         n += len(x)
-    return sq, fired, n
+    return sq.cpu(), fired.cpu(), n
 
 
 @torch.no_grad()
 def feature_table(layer: int, base_sae: str | Path, k: int, regime_dirs: dict[str, str | Path],
-                  store_path: str | Path, cfg: dict) -> pd.DataFrame:
+                  store_path: str | Path, cfg: dict, device: torch.device | str = "cpu") -> pd.DataFrame:
+    """The code statistics run on ``device``; the weight comparisons on the CPU (one pass over
+    d_sae x d_model, no data)."""
     base = load_llama_scope(base_sae, k=k)
     saes = {r: load_sae(d) for r, d in regime_dirs.items()}
     main = saes[cfg["regime"]]
     store = ActivationStore(store_path)
-    stats = {m: code_stats(main, store, m) for m in ("text", "image")}
+    on_device = load_sae(regime_dirs[cfg["regime"]], device)
+    stats = {m: code_stats(on_device, store, m) for m in ("text", "image")}
     masks = SPANS[cfg["visual_energy_tokens"]]
     energy = sum(stats[m][0] for m in masks) / max(1, sum(stats[m][2] for m in masks))
     fires = pd.read_parquet(Path(regime_dirs[cfg["regime"]]) / "features.parquet")["training_fires"].to_numpy()

@@ -33,8 +33,8 @@ def max_per_sample(sae, store: ActivationStore, split: str, features: list[int])
     for m in ("text", "image"):
         ids = store.meta(m, "sample_id")
         for blk in split_blocks(store, (m,), split):  # a block at a time
-            codes = sae.dense_codes(read_blocks(store, [blk]))[:, features]
-            df = pd.DataFrame(codes.numpy(), columns=features).assign(sample_id=ids[blk.start : blk.stop])
+            codes = sae.dense_codes(read_blocks(store, [blk], sae.device))[:, features]
+            df = pd.DataFrame(codes.cpu().numpy(), columns=features).assign(sample_id=ids[blk.start : blk.stop])
             parts.append(df.groupby("sample_id").max())
     return pd.concat(parts).groupby(level=0).max()
 
@@ -64,9 +64,12 @@ def neutral_evidence(rerun: Rerun, sae, layer: int, store: ActivationStore, item
         runs += [(c.feature, c.split, s, float(a), t) for s, a in top.items() for t in neutral_user_texts]
     pairs = sorted({(s, t) for _, _, s, _, t in runs})
     acts = rerun([Item(s, by_id[s].image_path, t, "", (), "neutral", "", split) for s, t in pairs])
-    after = {pair: sae.dense_codes(h).max(0).values for pair, h in zip(pairs, acts)}
+    feats = sorted({f for f, *_ in runs})
+    col = {f: j for j, f in enumerate(feats)}
+    peak = torch.stack([sae.dense_codes(h)[:, feats].max(0).values for h in acts]).cpu()  # one host copy
+    after = {pair: peak[r] for r, pair in enumerate(pairs)}
     rows = [{"layer": layer, "feature": f, "split": fam, "sample_id": s, "prompt": t, "act_before": a,
-             "act_after": float(after[s, t][f]), "fires_after": float(after[s, t][f]) > cfg["min_activation"]}
+             "act_after": float(after[s, t][col[f]]), "fires_after": float(after[s, t][col[f]]) > cfg["min_activation"]}
             for f, fam, s, a, t in runs]
     return pd.DataFrame(rows, columns=EVIDENCE_COLUMNS)
 

@@ -46,21 +46,20 @@ def fisher_p(a, b, c, d) -> np.ndarray:
 def firing_counts(sae, store: ActivationStore, modalities: tuple[str, ...], split: str,
                   groups: dict[str, set[int]]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Per group of sample ids: tokens on which each feature fires, and the group's token count."""
-    fired = {g: torch.zeros(sae.d_sae, dtype=torch.long) for g in groups}
+    fired = {g: torch.zeros(sae.d_sae, dtype=torch.long, device=sae.device) for g in groups}
     n = {g: 0 for g in groups}
     for m in modalities:
         lo, hi = store.split_rows(m, split)
-        ids = torch.from_numpy(store.meta(m, "sample_id")[lo:hi])
-        member = {g: torch.from_numpy(np.isin(ids.numpy(), list(s))) for g, s in groups.items()}
+        ids = store.meta(m, "sample_id")[lo:hi]
+        member = {g: np.isin(ids, list(s)) for g, s in groups.items()}  # host masks: counts without a sync
         for blk in split_blocks(store, (m,), split):
-            x = read_blocks(store, [blk])
-            v, i = sae.encode(x)
+            v, i = sae.encode(read_blocks(store, [blk], sae.device))
             for g, mask in member.items():
                 sel = mask[blk.start - lo : blk.stop - lo]
-                on = v[sel] > 0
-                fired[g] += torch.bincount(i[sel][on], minlength=sae.d_sae)
+                rows = torch.from_numpy(sel).to(sae.device)
+                fired[g] += torch.bincount(i[rows][v[rows] > 0], minlength=sae.d_sae)
                 n[g] += int(sel.sum())
-    return {g: f.numpy() for g, f in fired.items()}, n
+    return {g: f.cpu().numpy() for g, f in fired.items()}, n
 
 
 def shift_table(layer: int, sae, store: ActivationStore, items: list[Item], split: str,

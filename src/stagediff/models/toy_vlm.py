@@ -180,7 +180,7 @@ def caption_items(data: dict, user_text: str) -> list[Item]:
                  (a["caption"],), "caption", "other", "train") for a in doc["annotations"]]
 
 
-def train_toy_vlm(base_lm: str | Path, data: dict, prompts: dict, keywords: dict, out: str | Path,
+def train_toy_vlm(base_lm: str | Path, data: dict, prompts: dict, out: str | Path,
                   cfg: dict, image_size: int, seed: int) -> None:
     seed_everything(seed)
     model, processor = build_vlm(base_lm, cfg, image_size)
@@ -188,7 +188,7 @@ def train_toy_vlm(base_lm: str | Path, data: dict, prompts: dict, keywords: dict
     if cfg["grounding_steps"] or cfg["captions"]:
         neutral = json.loads(Path(data["neutral_prompts"]).read_text())[0]
         captions = encode_training_items(processor, caption_items(data, prompts["neutral"].format(prompt=neutral)))
-    tasks = encode_training_items(processor, vqa_items(data, "train", prompts, keywords)
+    tasks = encode_training_items(processor, vqa_items(data, "train", prompts, {})  # families unused
                                   + vsr_items(data, "train", prompts))
     mix = tasks + captions if cfg["captions"] else tasks
     log.info("visual instruction tuning on %d items", len(mix))

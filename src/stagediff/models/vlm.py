@@ -28,7 +28,9 @@ def load_vlm(path: str | Path, device: torch.device | str = "cpu", dtype: str = 
     processor = AutoProcessor.from_pretrained(path)
     processor.pad_to_square = pad_to_square
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True)
-    return model.to(device).eval(), processor
+    # frozen: no stage trains the VLM, and gradients (patching, integrated gradients) are taken
+    # w.r.t. activations, so no weight-gradient inputs are kept (tens of GB for an 8B model)
+    return model.requires_grad_(False).to(device).eval(), processor
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

@@ -111,6 +111,8 @@ def ablation_rows(model, processor, sae, layer: int, feature: int, odds_ratio: f
     return rows
 
 
+ROW_COLUMNS = ["layer", "feature", "seed", "delta_vsr_acc", "delta_vsr_prob", "delta_vqa_acc", "delta_ctrl", "vsr_or",
+               "n_samples", "relations", "vsr_acc_clean", "vqa_acc_clean"]
 TABLE_COLUMNS = {"layer": "Layer", "feature": "Feature", "delta_vsr_acc": "ΔVSR Acc", "delta_vsr_prob": "ΔVSR Prob",
                  "delta_vqa_acc": "ΔVQA Acc", "delta_ctrl": "ΔCtrl", "vsr_or": "VSR OR", "n_samples": "#Samples",
                  "relations": "VSR Relations"}
@@ -146,7 +148,7 @@ def ablation_layer(model, processor, sae, layer: int, selected: pd.DataFrame, vs
     mine = (selected[(selected.layer == layer) & selected.downstream]
             .sort_values("split", key=lambda s: s != "spatial", kind="stable").drop_duplicates("feature"))
     if mine.empty:
-        return pd.DataFrame()
+        return pd.DataFrame(columns=ROW_COLUMNS)
     pool = pool_activations(model, processor, sae, layer, vsr_pool, [int(f) for f in mine.feature])
     ids = [p["item"].sample_id for p in pool]
     clean_vqa = answer_scores(model, processor, vqa_yes_no, layer, None).accuracy.mean()
@@ -159,4 +161,4 @@ def ablation_layer(model, processor, sae, layer: int, selected: pd.DataFrame, vs
         if subset:
             rows += ablation_rows(model, processor, sae, layer, int(r.feature), float(r.odds_ratio), subset, rels,
                                   vqa_yes_no, clean_vqa, cfg)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=ROW_COLUMNS)

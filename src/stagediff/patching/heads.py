@@ -58,6 +58,9 @@ def head_views(model, layers: list[int], patch: dict | None = None):
         for (pl, pv, h), value in (patch or {}).items():
             if (pl, pv) == (layer, view):
                 x = torch.cat([x[..., : h * d], value.to(x.dtype), x[..., (h + 1) * d :]], dim=-1)
+        if torch.is_grad_enabled() and not x.requires_grad:
+            # frozen weights: the first views have no graph above them, so they become its leaves
+            x = x.requires_grad_()
         captured[layer, view] = x
         return x
 
@@ -82,7 +85,7 @@ def mean_visual_tokens(model, mean: torch.Tensor):
     """Corrupt run: the projector's output (the layer-0 visual-token embeddings) replaced by ``mean``
     ([d_model], or [n_image_tokens, d_model] for a per-position mean). Text positions are untouched:
     only the projector's output is changed, and LLaVA scatters it into the image positions alone."""
-    with projector_hook(model, lambda out: mean.to(out.dtype).to(out.device).expand_as(out).clone()):
+    with projector_hook(model, lambda out: mean.to(out).expand_as(out).clone()):
         yield
 
 
@@ -92,8 +95,8 @@ def mean_visual_embedding(model, processor, items: list[Item], per_position: boo
     [d_model] or [n_image_tokens, d_model], float32, accumulated in float64."""
     total, n = None, 0
     for _, b in iter_batches(processor, items, batch_size):
-        x = visual_embeddings(model, b["pixel_values"]).double().cpu()  # [batch, n_image_tokens, d_model]
+        x = visual_embeddings(model, b["pixel_values"]).double()  # [batch, n_image_tokens, d_model]
         s = x.sum(0) if per_position else x.sum((0, 1))
         total = s if total is None else total + s
         n += x.shape[0] if per_position else x.shape[0] * x.shape[1]
-    return (total / n).float()
+    return (total / n).float().cpu()

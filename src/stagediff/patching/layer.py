@@ -27,6 +27,12 @@ from stagediff.patching.attribution import attribution, exact_effects, unit_dire
 from stagediff.patching.heads import VIEWS, query_heads
 
 log = logging.getLogger(__name__)
+SCORE_COLUMNS = ["layer", "feature", "src_layer", "view", "head", "query_heads", "method_a", "method_b", "exact"]
+AGREEMENT = [f"{k}_{m}" for m in ("a", "b") for k in ("spearman", "spearman_top", "top_overlap")]
+
+
+def validation_columns(cfg: dict) -> list[str]:
+    return ["layer", "feature", "n_samples", "n_units", "j_clean", "j_corrupt"] + (AGREEMENT if cfg["exact"] else [])
 
 
 @torch.no_grad()
@@ -41,7 +47,12 @@ def image_attention(model, batch: dict, layers: list[int]) -> np.ndarray:
     for layer in layers:
         a = torch.einsum("bq,bhqk->bhk", w, att[layer].float())  # [batch, heads, seq]
         out.append(torch.stack([a[i][:, image[i]] for i in range(len(a))]))
-    return torch.stack(out, 1).numpy()
+    return torch.stack(out, 1).cpu().numpy()
+
+
+def _to_host(scores):
+    """A (nested dict of) device tensor(s) on the CPU: one copy each, then per-head reads are free."""
+    return {k: _to_host(v) for k, v in scores.items()} if isinstance(scores, dict) else scores.cpu()
 
 
 def rank_agreement(score: np.ndarray, exact: np.ndarray, top: int) -> dict:
@@ -58,12 +69,12 @@ def feature_patching(model, processor, items: list[Item], layer: int, feature: i
     (_, b), = iter_batches(processor, items, len(items))
     b = to_model(b, model)
     t0 = time.perf_counter()
-    attr = attribution(model, b, layer, v, mean, cfg["positions"])
+    attr = _to_host(attribution(model, b, layer, v, mean, cfg["positions"]))
     t_attr = time.perf_counter() - t0
     exact, t_exact = None, float("nan")
     if cfg["exact"]:
         t0 = time.perf_counter()
-        exact = exact_effects(model, b, layer, v, mean, cfg["positions"])
+        exact = _to_host(exact_effects(model, b, layer, v, mean, cfg["positions"]))
         t_exact = time.perf_counter() - t0
     rows = []
     for (src, view), a in attr["method_a"].items():
@@ -73,7 +84,7 @@ def feature_patching(model, processor, items: list[Item], layer: int, feature: i
                          "query_heads": ",".join(map(str, query_heads(model, h))) if view == "k" else str(h),
                          "method_a": float(a[:, h].mean()), "method_b": float(bm[:, h].mean()),
                          "exact": float(exact[src, view][:, h].mean()) if exact else float("nan")})
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows, columns=SCORE_COLUMNS)
     # wall times go to the log, not the table: same config, same tables (benchmarks/bench_patching.py
     # measures the cost ratio side by side)
     log.info("layer %d feature %d: attribution %.3fs, exact %.3fs (%.1fx)", layer, feature, t_attr, t_exact,
@@ -122,5 +133,5 @@ def patching_layer(model, processor, sae, layer: int, store: ActivationStore, it
                          v.get("spearman_b", np.nan))
                 tables.append(t)
                 vals.append(v)
-    return (pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(),
-            pd.DataFrame(vals))
+    return (pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=SCORE_COLUMNS),
+            pd.DataFrame(vals, columns=validation_columns(cfg)))

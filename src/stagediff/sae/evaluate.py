@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from stagediff.cache import ActivationStore
 from stagediff.sae.finetune import heldout_batches, load_sae
@@ -19,14 +20,17 @@ COLUMNS = ["layer", "regime", "modality", "n_tokens", "fvu", "l0", "dead_fractio
 
 
 def evaluate_layer(store_path: str | Path, layer: int, base_sae: str | Path, k: int,
-                   regime_dirs: dict[str, str | Path], base_form: str = "topk") -> pd.DataFrame:
-    """``base_form``: the base rows' encoder, TopK-k (the paper) or the release's JumpReLU."""
+                   regime_dirs: dict[str, str | Path], base_form: str = "topk",
+                   device: torch.device | str = "cpu") -> pd.DataFrame:
+    """``base_form``: the base rows' encoder, TopK-k (the paper) or the release's JumpReLU. One SAE
+    on ``device`` at a time (a d_sae 32768 SAE is 1.1 GB in float32)."""
     store = ActivationStore(store_path)
-    saes = {"base": load_llama_scope(base_sae, k=k, form=base_form),
-            **{r: load_sae(d) for r, d in regime_dirs.items()}}
+    loaders = {"base": lambda: load_llama_scope(base_sae, k=k, form=base_form, device=device),
+               **{r: (lambda d=d: load_sae(d, device)) for r, d in regime_dirs.items()}}
     rows = []
-    for regime, sae in saes.items():
-        per = {m: evaluate(sae, heldout_batches(store, (m,), None)) for m in ("text", "image")}
+    for regime, load in loaders.items():
+        sae = load()
+        per = {m: evaluate(sae, heldout_batches(store, (m,), None, device)) for m in ("text", "image")}
         per["all"] = per["text"].merge(per["image"])
         rows += [{"layer": layer, "regime": regime, "modality": m, **s.summary()} for m, s in per.items()]
     return pd.DataFrame(rows, columns=COLUMNS)

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import save_file
 
 from stagediff.cache import ActivationStore, config_hash
+from stagediff.device import place_sae
 from stagediff.io import atomic_dir
 from stagediff.sae.llama_scope import load_llama_scope
 from stagediff.sae.metrics import evaluate
@@ -52,61 +53,72 @@ def layer_lr(cfg: dict, layer: int) -> float:
 
 
 def initial_sae(base_sae: str | Path, regime: str, k: int, gen: torch.Generator,
-                first: torch.Tensor | None) -> TopKSAE:
-    base = load_llama_scope(base_sae, k=k)
+                first: torch.Tensor | None, device: torch.device) -> TopKSAE:
+    base = load_llama_scope(base_sae, k=k, device=device)
     if regime != "random":
         return base
-    sae = TopKSAE.random_init(base.d_model, base.d_sae, k, float(base.scale), generator=gen,
-                              rank_by_decoder_norm=base.rank_by_decoder_norm)
+    # drawn on the CPU generator (the same init on every device), then placed
+    sae = place_sae(TopKSAE.random_init(base.d_model, base.d_sae, k, float(base.scale), generator=gen,
+                                        rank_by_decoder_norm=base.rank_by_decoder_norm), device)
     with torch.no_grad():  # as any SAE init: decoder bias at the data mean (normalised space)
         sae.b_dec.copy_(first.mean(0) * sae.scale)
     return sae
 
 
 def heldout_batches(store: ActivationStore, modalities: tuple[str, ...], max_tokens: int | None,
-                    batch_size: int = 4096):
-    """The val split of ``modalities`` in order; at most ``max_tokens`` (spread over modalities)."""
+                    device: torch.device | str = "cpu", batch_size: int = 4096):
+    """The val split of ``modalities`` in order, on ``device``; at most ``max_tokens`` (spread over
+    modalities)."""
     blocks = split_blocks(store, modalities, "val")
     total = sum(b.stop - b.start for b in blocks)
     frac = 1.0 if max_tokens is None else min(1.0, max_tokens / total)
     for b in blocks:
         n = math.ceil((b.stop - b.start) * frac)
-        x = read_blocks(store, [Block(b.modality, b.start, b.start + n)])
+        x = read_blocks(store, [Block(b.modality, b.start, b.start + n)], device)
         yield from x.split(batch_size)
 
 
-def finetune_sae(store_path: str | Path, base_sae: str | Path, regime: str, layer: int, out: str | Path,
-                 checkpoint_dir: str | Path, cfg: dict, seed: int) -> None:
+def finetune_sae(store_path: str | Path, heldout_path: str | Path, base_sae: str | Path, regime: str, layer: int,
+                 out: str | Path,
+                 checkpoint_dir: str | Path, cfg: dict, seed: int, device: torch.device | str = "cpu",
+                 read_ahead: int = 4) -> None:
+    """Trains on the train split of ``store_path``; the curve's FVU is on the val split of
+    ``heldout_path`` (the same store, or the layer's held-out store). ``device``: where the SAE trains (float32; the stream's buffer lives there, in bf16, when it
+    fits). ``read_ahead``: reads in flight (a speed knob: results do not depend on it)."""
     if regime not in REGIMES:
         raise ValueError(f"unknown regime {regime!r}; expected one of {list(REGIMES)}")
     run_seed = (seed, layer, REGIME_SEEDS[regime])
     seed_everything(seed)
     store = ActivationStore(store_path)
     modalities = REGIMES[regime]
-    stream = TokenStream(store, modalities, cfg["batch_size"], cfg["buffer_tokens"], seed=run_seed)
+    device = torch.device(device)
+    stream = TokenStream(store, modalities, cfg["batch_size"], cfg["buffer_tokens"], seed=run_seed, device=device,
+                         read_chunks=cfg["read_chunks"], read_ahead=read_ahead)
     steps = cfg["tokens"] // cfg["batch_size"]
     # its own seed stream: a random init must not repeat the base SAE's (seeded by seed + layer)
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence(run_seed).generate_state(1)[0]))
     sae = initial_sae(base_sae, regime, cfg["top_k"], gen,
-                      next(stream.batches(0)) if regime == "random" else None)
+                      next(stream.batches(0)) if regime == "random" else None, device)
     lr = layer_lr(cfg, layer)
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=tuple(cfg["betas"]), fused=True)
     fingerprint = config_hash({"cfg": cfg, "seed": seed, "layer": layer, "regime": regime,
                                "base": str(base_sae), "store": store.attrs.get("config_hash")})
     ckpt = Path(checkpoint_dir) / CHECKPOINT
     state = _load_checkpoint(ckpt, fingerprint)
-    last_fired = torch.zeros(sae.d_sae, dtype=torch.long)  # tokens seen when each latent last fired
-    fires = torch.zeros(sae.d_sae, dtype=torch.long)  # training tokens on which each latent fired
+    # on the training device: the step loop never waits for a host copy (the loss is read at log steps)
+    last_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)  # tokens seen when each latent last fired
+    fires = torch.zeros(sae.d_sae, dtype=torch.long, device=device)  # training tokens on which each latent fired
     curve: list[dict] = []
-    start, sum_loss, n_loss = 0, 0.0, 0
+    start, sum_loss, n_loss = 0, torch.zeros((), dtype=torch.float64, device=device), 0
     if state is not None:
         sae.load_state_dict(state["sae"])
         opt.load_state_dict(state["opt"])
-        last_fired, fires, curve, start = state["last_fired"], state["fires"], state["curve"], state["step"]
-        sum_loss, n_loss = state["sum_loss"], state["n_loss"]
+        last_fired, fires = state["last_fired"].to(device), state["fires"].to(device)
+        curve, start, n_loss = state["curve"], state["step"], state["n_loss"]
+        sum_loss = torch.as_tensor(state["sum_loss"], dtype=torch.float64).to(device)
         log.info("resuming %s L%d at step %d/%d (epoch, buffer, batch = %s)", regime, layer, start, steps,
                  stream.position(start))
-    heldout = list(heldout_batches(store, modalities, cfg["curve_eval_tokens"]))
+    heldout = list(heldout_batches(ActivationStore(heldout_path), modalities, cfg["curve_eval_tokens"], device))
     if not curve:
         curve.append(_curve_row(sae, heldout, 0, float("nan"), last_fired, 0, cfg))
     t0 = time.time()
@@ -122,10 +134,10 @@ def finetune_sae(store_path: str | Path, base_sae: str | Path, regime: str, laye
         active = i[v > 0]
         last_fired[active] = tokens
         fires += torch.bincount(active, minlength=sae.d_sae)
-        sum_loss, n_loss = sum_loss + loss.item(), n_loss + 1
+        sum_loss, n_loss = sum_loss + loss.detach(), n_loss + 1
         if (step + 1) % cfg["log_every"] == 0 or step + 1 == steps:
-            curve.append(_curve_row(sae, heldout, tokens, sum_loss / n_loss, last_fired, step + 1, cfg))
-            sum_loss, n_loss = 0.0, 0
+            curve.append(_curve_row(sae, heldout, tokens, float(sum_loss) / n_loss, last_fired, step + 1, cfg))
+            sum_loss, n_loss = torch.zeros_like(sum_loss), 0
             r = curve[-1]
             log.info("%s L%d step %d/%d loss %.4f held-out FVU %.4f dead %.3f (%.0f tokens/s)", regime, layer,
                      step + 1, steps, r["loss"], r["fvu"], r["dead_fraction"],
@@ -142,8 +154,8 @@ def finetune_sae(store_path: str | Path, base_sae: str | Path, regime: str, laye
     with atomic_dir(out) as tmp:
         save_sae(sae, tmp, meta)
         pd.DataFrame(curve).to_parquet(Path(tmp) / "curve.parquet", index=False)
-        pd.DataFrame({"feature": range(sae.d_sae), "training_fires": fires.numpy(),
-                      "last_fired_tokens": last_fired.numpy()}).to_parquet(Path(tmp) / "features.parquet", index=False)
+        pd.DataFrame({"feature": range(sae.d_sae), "training_fires": fires.cpu().numpy(),
+                      "last_fired_tokens": last_fired.cpu().numpy()}).to_parquet(Path(tmp) / "features.parquet", index=False)
         save_saelens(sae, Path(tmp) / "saelens", meta["hook_name"], str(store.attrs.get("model", "")))
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     with contextlib.suppress(OSError):  # and the per-layer folders above it, once empty
@@ -167,7 +179,7 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 def _load_checkpoint(path: Path, fingerprint: str) -> dict | None:
     if not path.is_file():
         return None
-    state = torch.load(path, weights_only=True)
+    state = torch.load(path, weights_only=True, map_location="cpu")
     if state.get("fingerprint") != fingerprint:
         log.warning("%s was written for other settings; starting from scratch", path)
         return None
@@ -181,7 +193,8 @@ def save_sae(sae: TopKSAE, folder: str | Path, meta: dict) -> None:
     (folder / "cfg.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
-def load_sae(folder: str | Path) -> TopKSAE:
+def load_sae(folder: str | Path, device: torch.device | str = "cpu") -> TopKSAE:
+    """A fine-tuned SAE, float32 on ``device``."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -191,4 +204,4 @@ def load_sae(folder: str | Path) -> TopKSAE:
     meta = json.loads((folder / "cfg.json").read_text())
     sae = TopKSAE(meta["d_model"], meta["d_sae"], meta["top_k"], meta["scale"], meta["rank_by_decoder_norm"])
     sae.load_state_dict(load_file(folder / "sae.safetensors"))
-    return sae
+    return place_sae(sae, device)

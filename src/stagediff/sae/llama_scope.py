@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from stagediff.device import place_sae
 from stagediff.sae.jumprelu import JumpReLUSAE
 from stagediff.sae.topk import TopKSAE
 
@@ -60,8 +61,8 @@ def save_llama_scope(sae: TopKSAE, folder: str | Path, layer: int, lm_config: di
     (folder / "lm_config.json").write_text(json.dumps(lm_config, indent=2))
 
 
-def load_llama_scope(folder: str | Path, k: int | None = None, dtype: torch.dtype = torch.float32,
-                     form: str = "topk") -> TopKSAE:
+def load_llama_scope(folder: str | Path, k: int | None = None, form: str = "topk",
+                     device: torch.device | str = "cpu") -> TopKSAE:
     """A Llama Scope folder as a TopK SAE (k from ``top_k`` unless given, as the paper's k=50), or
     with ``form="jumprelu"`` in the release's own JumpReLU form (its ``jump_relu_threshold``)."""
     folder = Path(folder)
@@ -100,4 +101,4 @@ def load_llama_scope(folder: str | Path, k: int | None = None, dtype: torch.dtyp
         sae.b_enc.copy_(w["encoder.bias"])
         sae.W_dec.copy_(w["decoder.weight"].T)
         sae.b_dec.copy_(w["decoder.bias"])
-    return sae.to(dtype)
+    return place_sae(sae, device)

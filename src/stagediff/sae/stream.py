@@ -2,16 +2,27 @@
 
 A layer can be far larger than RAM (paper world: ~30M tokens x 8 KiB per layer), so the
 stream never loads it whole. The train rows of the wanted modalities are cut into blocks
-(the store's read unit); each epoch visits the blocks in a seeded random order, loads
-``buffer_tokens`` worth of them, shuffles the rows inside that buffer and cuts batches.
-A buffer's tail shorter than a batch is dropped (it lands in another buffer next epoch).
+(``read_chunks`` consecutive Zarr chunks: one contiguous read); each epoch visits the blocks in a
+seeded random order, fills a shuffle buffer of ``buffer_tokens`` worth of them, shuffles the rows
+inside that buffer and cuts batches. A buffer's tail shorter than a batch is dropped (it lands
+in another buffer next epoch).
 
 The whole schedule is a pure function of (seed, block sizes), so the position of step ``s``
 is computed without reading any data: resuming after a kill is exact.
+
+Memory and overlap: two buffers are allocated once, in the storage dtype (bf16: 2 bytes a value),
+on the training device when they fit there; a batch is widened to float32 when it is cut. While
+one buffer is being trained on, the next one's blocks are read into the other by ``read_ahead``
+threads (Zarr reads release the GIL), each straight into its place (through pinned host rows for
+a GPU buffer), so the trainer waits only when the disk is slower than it.
 """
 from __future__ import annotations
 
+import itertools
+import logging
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -19,6 +30,8 @@ import numpy as np
 import torch
 
 from stagediff.cache import ActivationStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,30 +41,43 @@ class Block:
     stop: int
 
 
-def split_blocks(store: ActivationStore, modalities: tuple[str, ...], split: str) -> list[Block]:
-    """One split's rows of ``modalities`` in blocks of the store's read unit (its Zarr chunk)."""
+def split_blocks(store: ActivationStore, modalities: tuple[str, ...], split: str,
+                 read_chunks: int = 1) -> list[Block]:
+    """One split's rows of ``modalities`` in blocks of ``read_chunks`` of the store's chunks."""
     out = []
     for m in modalities:
         lo, hi = store.split_rows(m, split)
-        rows = store.array(m).chunks[0]
+        rows = store.array(m).chunks[0] * read_chunks
         out += [Block(m, s, min(s + rows, hi)) for s in range(lo, hi, rows)]
     if not out:
         raise RuntimeError(f"{store.path}: no {'/'.join(modalities)} tokens in split {split!r}")
     return out
 
 
-def read_blocks(store: ActivationStore, blocks: list[Block]) -> torch.Tensor:
-    return torch.cat([store.acts(b.modality, b.start, b.stop) for b in blocks])
+def read_blocks(store: ActivationStore, blocks: list[Block], device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.cat([store.acts(b.modality, b.start, b.stop, device) for b in blocks])
+
+
+def buffer_device(nbytes: int, device: torch.device) -> torch.device:
+    """The training device if the buffers take at most half its free memory, else the host."""
+    if device.type == "cuda" and nbytes > torch.cuda.mem_get_info(device)[0] // 2:
+        log.warning("shuffle buffers (%.1f GB) do not fit beside the SAE on %s: kept in host memory",
+                    nbytes / 1e9, device)
+        return torch.device("cpu")
+    return device
 
 
 class TokenStream:
     def __init__(self, store: ActivationStore, modalities: tuple[str, ...], batch_size: int,
-                 buffer_tokens: int, seed: tuple[int, ...], split: str = "train"):
-        self.store, self.batch_size = store, batch_size
-        self.blocks = split_blocks(store, modalities, split)
-        block_rows = store.array(modalities[0]).chunks[0]
+                 buffer_tokens: int, seed: tuple[int, ...], split: str = "train",
+                 device: torch.device | str = "cpu", read_chunks: int = 1, read_ahead: int = 4):
+        self.store, self.batch_size, self.device = store, batch_size, torch.device(device)
+        self.read_ahead = read_ahead
+        self.blocks = split_blocks(store, modalities, split, read_chunks)
+        block_rows = store.array(modalities[0]).chunks[0] * read_chunks
         self.n_tokens = sum(b.stop - b.start for b in self.blocks)
         self.blocks_per_buffer = max(1, math.ceil(buffer_tokens / block_rows))
+        self.buffer_rows = min(self.n_tokens, self.blocks_per_buffer * block_rows)
         if min(buffer_tokens, self.n_tokens) < batch_size:
             raise ValueError(f"batch_size {batch_size} exceeds the shuffle buffer "
                              f"({min(buffer_tokens, self.n_tokens)} tokens)")
@@ -76,16 +102,48 @@ class TokenStream:
                 step -= n
             epoch += 1
 
-    def batches(self, start_step: int = 0) -> Iterator[torch.Tensor]:
-        """Endless batches [batch_size, d_model] (float32), from ``start_step`` on."""
-        epoch, b0, skip = self.position(start_step)
+    def _schedule(self, epoch: int, b0: int) -> Iterator[tuple[int, int, list[Block]]]:
         while True:
             for b, blocks in enumerate(self._buffers(epoch)):
-                if b < b0:
-                    continue
-                x = read_blocks(self.store, blocks)
-                perm = torch.from_numpy(self._rng(epoch, b).permutation(len(x)))
-                for i in range(skip, len(x) // self.batch_size):  # gather per batch: no 2nd buffer copy
-                    yield x[perm[i * self.batch_size : (i + 1) * self.batch_size]]
-                skip = 0
+                if b >= b0:
+                    yield epoch, b, blocks
             epoch, b0 = epoch + 1, 0
+
+    def batches(self, start_step: int = 0) -> Iterator[torch.Tensor]:
+        """Endless batches [batch_size, d_model] (float32, on the stream's device), from ``start_step`` on."""
+        epoch, b0, skip = self.position(start_step)
+        schedule = self._schedule(epoch, b0)
+        probe = self.store.stored(self.blocks[0].modality, self.blocks[0].start, self.blocks[0].start + 1)
+        shape, dtype = (self.buffer_rows, probe.shape[1]), probe.dtype
+        where = buffer_device(2 * self.buffer_rows * probe.shape[1] * probe.element_size(), self.device)
+        # two buffers: the next one fills while batches are cut from the other
+        bufs = [torch.empty(shape, dtype=dtype, device=where) for _ in range(2)]
+        staging = threading.local()  # per reader thread: pinned host rows for a device buffer
+
+        def read(block: Block, buf: torch.Tensor, at: int) -> None:
+            rows = block.stop - block.start
+            if buf.device.type == "cpu":
+                self.store.read_into(block.modality, block.start, buf[at : at + rows])
+                return
+            if getattr(staging, "rows", None) is None or len(staging.rows) < rows:
+                staging.rows = torch.empty((rows, shape[1]), dtype=dtype, pin_memory=True)
+            self.store.read_into(block.modality, block.start, staging.rows[:rows])
+            buf[at : at + rows].copy_(staging.rows[:rows])
+
+        with ThreadPoolExecutor(self.read_ahead, thread_name_prefix="stream") as pool:
+            def fill(buf: torch.Tensor):  # a buffer's blocks, all in flight at once, in schedule order
+                epoch, b, blocks = next(schedule)
+                offsets = np.cumsum([0] + [x.stop - x.start for x in blocks])
+                return epoch, b, int(offsets[-1]), [pool.submit(read, x, buf, int(o)) for x, o in zip(blocks, offsets)]
+
+            pending = fill(bufs[0])
+            for turn in itertools.count():
+                epoch, b, n, reads = pending
+                for r in reads:
+                    r.result()
+                buf = bufs[turn % 2]
+                pending = fill(bufs[(turn + 1) % 2])  # overlaps this buffer's training
+                perm = torch.from_numpy(self._rng(epoch, b).permutation(n)).to(buf.device)
+                for i in range(skip, n // self.batch_size):  # gather per batch: no 2nd buffer copy
+                    yield buf[perm[i * self.batch_size : (i + 1) * self.batch_size]].to(self.device).float()
+                skip = 0

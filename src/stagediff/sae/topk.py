@@ -100,6 +100,10 @@ class TopKSAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_model))
         self.register_buffer("scale", torch.tensor(float(scale)))
 
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
     @classmethod
     def random_init(cls, d_model: int, d_sae: int, k: int, scale: float = 1.0, decoder_norm: float = 0.5,
                     generator: torch.Generator | None = None, **kw) -> "TopKSAE":

@@ -155,7 +155,8 @@ def token_sets(model, processor, records: list[ObjectRecord], cfg: dict, prompts
     for part, b in iter_batches(processor, poll, cfg["batch_size"]):
         b = to_model(b, model)
         regs += [vt.register_tokens(x) for x in visual_embeddings(model, b["pixel_values"])]
-        ig += list(integrated_gradients(model, b, torch.full((len(part),), yes), mean, cfg["ig_steps"]))
+        ig += list(integrated_gradients(model, b, torch.full((len(part),), yes), mean, cfg["ig_steps"],
+                                        cfg["ig_max_rows"]).cpu())
     sets["register"] = regs
     for k in cfg["k"]:
         sets[f"int_gradients_{k}"] = [set(torch.topk(a, min(k, n_tok)).indices.tolist()) for a in ig]
@@ -218,9 +219,10 @@ def logit_lens_table(model, processor, records: list[ObjectRecord], prompts: dic
         part = records[start : start + cfg["batch_size"]]
         (_, b), = iter_batches(processor, items[start : start + len(part)], len(part))
         b = to_model(b, model)
-        top = logit_lens(model, b, layers)  # [layer, batch, seq]
+        top = logit_lens(model, b, layers).cpu()  # [layer, batch, seq], one host copy per batch
+        ids = b["input_ids"].cpu()
         for j, r in enumerate(part):
-            vis = b["input_ids"][j] == image_id
+            vis = ids[j] == image_id
             grid_top = top[:, j, vis]  # [layer, n_image_tokens]
             word = first_token(tok, r.word)
             for layer in layers:
@@ -247,7 +249,6 @@ def knockout_table(model, processor, records: list[ObjectRecord], cfg: dict, pro
                 tok, cfg["yes_token"])
         poll.append(item)
         yes.append(int(answer))
-    yes = torch.tensor(yes)
     image_id = model.config.image_token_id
     all_vis = set(range(grid * grid))
     groups = {("O", "LTP"): lambda r: (r.patches, None), ("O+1", "LTP"): lambda r: (vt.with_buffer(r.patches, grid, 1), None),
@@ -256,7 +257,8 @@ def knockout_table(model, processor, records: list[ObjectRecord], cfg: dict, pro
               ("O+1", "LVR"): lambda r: (vt.with_buffer(r.patches, grid, 1), vt.last_row(grid)),
               ("I-LVR", "LVR"): lambda r: (all_vis - vt.last_row(grid), vt.last_row(grid))}
     batches = [(part, to_model(b, model)) for part, b in iter_batches(processor, poll, cfg["batch_size"])]
-    clean = torch.cat([next_token_probs(model, b) for _, b in batches])
+    clean = torch.cat([next_token_probs(model, b) for _, b in batches]).float().cpu()
+    yes = torch.tensor(yes)
     ok = clean.argmax(-1) == yes
     rows_ = torch.arange(len(yes))
     rows = []
@@ -265,17 +267,17 @@ def knockout_table(model, processor, records: list[ObjectRecord], cfg: dict, pro
             probs = []
             for i, (part, b) in enumerate(batches):
                 t = b["input_ids"].shape[1]
-                block = torch.zeros(len(part), t, t, dtype=torch.bool)
-                last = last_positions(b)
+                block = torch.zeros(len(part), t, t, dtype=torch.bool)  # built on the host, moved once
+                last, ids = last_positions(b).cpu(), b["input_ids"].cpu()
                 for j in range(len(part)):
-                    vis_pos = torch.nonzero(b["input_ids"][j] == image_id).flatten()
+                    vis_pos = torch.nonzero(ids[j] == image_id).flatten()
                     frm, to = sel(records[i * cfg["batch_size"] + j])
                     keys = vis_pos[sorted(frm)] if frm else vis_pos[:0]
                     queries = vis_pos[sorted(to)] if to is not None else last[j : j + 1]
                     block[j][queries[:, None], keys[None, :]] = True
-                with block_attention(model, list(range(lo, hi + 1)), block):
+                with block_attention(model, list(range(lo, hi + 1)), block.to(b["input_ids"].device)):
                     probs.append(next_token_probs(model, b))
-            p = torch.cat(probs)
+            p = torch.cat(probs).float().cpu()
             acc = (p.argmax(-1) == yes)[ok].float().mean().item() if ok.any() else float("nan")
             prob = (p[rows_, yes][ok].mean() / clean[rows_, yes][ok].mean()).item() if ok.any() else float("nan")
             rows.append({"from": src, "to": dst, "window": window, "first_layer": lo, "last_layer": hi,

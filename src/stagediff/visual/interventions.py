@@ -22,7 +22,7 @@ def replace_visual_tokens(model, chosen: list[set[int]], mean: torch.Tensor):
         for b in range(out.shape[0]):
             idx = chosen[seen[0] + b]
             if idx:
-                out[b, sorted(idx)] = mean.to(out.dtype)
+                out[b, sorted(idx)] = mean.to(out)  # the model's dtype and device
         seen[0] += out.shape[0]
         return out
 
@@ -55,14 +55,23 @@ def block_attention(model, layers: list[int], block: torch.Tensor):
                 hd.remove()
 
 
-def integrated_gradients(model, batch: dict, targets: torch.Tensor, mean: torch.Tensor, steps: int) -> torch.Tensor:
+def integrated_gradients(model, batch: dict, targets: torch.Tensor, mean: torch.Tensor, steps: int,
+                         max_rows: int) -> torch.Tensor:
     """[batch, n_image_tokens] IG attribution of each row's ``targets[row]`` logit (at its last
     position) to each of its visual token embeddings, on the straight path from the mean embedding
-    to the real ones (``steps`` Riemann midpoints; rows are independent, so one backward serves all)."""
+    to the real ones (``steps`` Riemann midpoints; rows are independent, so one backward serves all).
+
+    At most ``max_rows`` rows per backward: the graph of a full forward is kept for it (the model's
+    parameters are frozen, so only activations are saved, ~4 GB per row for the 8B model)."""
+    if len(targets) > max_rows:
+        return torch.cat([integrated_gradients(model, {k: v[lo : lo + max_rows] for k, v in batch.items()},
+                                               targets[lo : lo + max_rows], mean, steps, max_rows)
+                          for lo in range(0, len(targets), max_rows)])
     x = visual_embeddings(model, batch["pixel_values"])
-    x0 = mean.to(x.dtype).expand_as(x)
+    x0 = mean.to(x).expand_as(x)
+    targets = targets.to(x.device)
     total = torch.zeros_like(x)
-    rows, last = torch.arange(len(x)), last_positions(batch)
+    rows, last = torch.arange(len(x), device=x.device), last_positions(batch)
     for s in range(steps):
         point = (x0 + (s + 0.5) / steps * (x - x0)).requires_grad_(True)
         with projector_hook(model, lambda _out: point):

@@ -1,0 +1,172 @@
+"""What each job asks a cluster for, derived from the config's sizes and the model's shapes.
+
+One estimate per rule of its peak host memory, peak GPU memory and GPU-seconds; the request is
+the estimate with a margin (``MARGIN``), rounded up. The planner prints the same estimates next
+to the requests, and the config's ``resources`` table overrides any rule (``mem_mb``, ``runtime``
+minutes, ``cpus``, ``gpu``). A retry multiplies memory and time by the attempt number.
+
+The memory model, in bytes (B = the model dtype's bytes, d = d_model, F = d_sae):
+
+* VLM jobs: the weights once on the host while loading and once on the GPU, plus the job's own
+  buffers (the cache's shard buffers; the backward graph of patching and integrated gradients);
+* SAE jobs: float32 weights (4·2·d·F) on the host while loading and on the GPU; training adds
+  gradients and two Adam moments (x4 in all), two bf16 shuffle buffers (one trains, one fills),
+  the readers' pinned staging rows on the host, and the dense pre-activations of a batch
+  (4·batch·F, twice);
+* aggregation and figures: the per-feature tables of every layer, a few hundred MB.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+GB = 1e9
+MARGIN = 1.3  # request = estimate x this (allocator fragmentation, Python, libraries)
+BASE_HOST = 3 * GB  # Python + torch + transformers, CUDA context, before any data
+BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+# GPU throughput assumed for runtimes (H100/H200 SXM, dense): the model runs bf16, SAE math TF32
+PEAK = {"bf16": 989e12, "tf32": 495e12}
+DISK_BYTES_PER_S = 1.0 * GB  # one node reading or writing its scratch disk
+MODEL_RULES = ("vlm_accuracy", "cache_activations", "neutral", "study_layer", "visual_tokens")
+SAE_RULES = ("sae_finetune", "sae_evaluate", "diff_layer", "shift_layer")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    host: float  # bytes
+    gpu: float  # bytes (0: a CPU job)
+    seconds: float  # wall time on one GPU (or CPU) at the assumed rates
+
+
+def model_bytes(arch, dtype: str) -> float:
+    lm = arch.n_layers * arch.lm_block_params + 2 * arch.vocab * arch.d_model
+    return (lm + arch.vision_params + arch.vision_d * arch.d_model + arch.d_model ** 2) * BYTES[dtype]
+
+
+def sae_bytes(arch, d_sae: int) -> float:
+    return 4 * 2 * arch.d_model * d_sae  # float32 encoder + decoder
+
+
+def rule_kind(rule: str) -> str:
+    if rule.startswith(MODEL_RULES):
+        return "model"
+    return "sae" if rule in SAE_RULES else "cpu"
+
+
+def forward_flops(arch, n_samples: float, blocks: int, seq: int) -> float:
+    """2 x parameters per token: the vision tower on the image, the LM's first ``blocks`` blocks."""
+    return n_samples * (2 * arch.vision_params * (arch.image_tokens + 1) + 2 * arch.lm_block_params * blocks * seq)
+
+
+def downstream_features(cfg: dict) -> int:
+    """How many features the run studies downstream: ``selection.top_n`` per shift family."""
+    return cfg["selection"]["top_n"] * len(cfg["shift"]["families"])
+
+
+def model_flops(rule: str, cfg: dict, arch, seq: int, features: int | None = None) -> float:
+    """FLOPs of one job of a VLM rule. ``features``: how many selected features the job studies;
+    by default the worst case (all of them in this job's layer), so that a request always suffices."""
+    L, c = arch.n_layers, cfg["cache"]
+    fwd = lambda n, blocks=L: forward_flops(arch, n, blocks, seq)  # noqa: E731
+    if rule.startswith("cache_activations"):
+        g = int(rule.rsplit("_g", 1)[1])
+        groups = c["layer_groups"] or [cfg["layers"]]
+        return fwd(sum(c["splits"].values()), max(groups[g]) + 1)
+    if rule == "vlm_accuracy":
+        n = cfg["evaluate_vlm"]["n"] or c["splits"].get("val", 0)
+        return 2 * fwd(n) * cfg["evaluate_vlm"]["max_new_tokens"] / 2  # prefill dominates; decode ~half a pass each
+    top_n = downstream_features(cfg) if features is None else features
+    if rule == "neutral":  # per layer and candidate: n_samples reruns per neutral prompt (5 prompts)
+        return fwd(len(cfg["layers"]) * downstream_features(cfg) * cfg["neutral"]["n_samples"] * 5)
+    if rule == "study_layer":
+        pool = cfg["autointerp"]["pool"]
+        ab = cfg["ablation"]
+        patch = top_n * cfg["patching"]["top_k"] * 4  # clean + corrupt, forward + backward
+        ablate = top_n * len(ab["seeds"]) * ab["max_samples"] * (2 + ab["n_controls"]) + top_n * ab.get("max_vqa", 0)
+        return fwd(pool["vqa"] + pool["vsr"]) + fwd(patch + ablate)
+    if rule == "visual_tokens":
+        v = cfg["visual"]
+        n_sets = 5 + 2 * len(v["k"])  # object, +1, +2, register, random_matched, int_gradients_k, random_k
+        return fwd(v["n_images"] * (3 * (n_sets + 2) + 3 * v["ig_steps"] + 1 + 6 * len(v["windows"])))
+    return 0.0
+
+
+def estimate(rule: str, cfg: dict, arch, d_sae: int, seq: int) -> Estimate:
+    """The peak memory and time of one job of ``rule``."""
+    dtype = cfg["model"]["dtype"] if "model" in cfg else "float32"
+    kind = rule_kind(rule)
+    c = cfg["cache"]
+    if kind == "model":
+        w = model_bytes(arch, dtype)
+        host, gpu = BASE_HOST + w, w + _activation_bytes(rule, cfg, arch, seq, dtype)
+        seconds = model_flops(rule, cfg, arch, seq) / (PEAK["bf16"] * 0.4)
+        if rule.startswith("cache_activations"):  # one shard buffer per layer and modality; the writes
+            group = max(len(g) for g in (c["layer_groups"] or [cfg["layers"]]))
+            host += group * 2 * c["chunk_rows"] * c["chunks_per_shard"] * arch.d_model * BYTES[c["dtype"]]
+            written = sum(c["splits"].values()) * seq * arch.d_model * BYTES[c["dtype"]] * group
+            seconds = max(seconds, written / DISK_BYTES_PER_S)
+        return Estimate(host, gpu, seconds)
+    if kind == "sae":
+        s, sae = cfg["sae_finetune"], sae_bytes(arch, d_sae)
+        per_token = arch.d_model * BYTES[c["dtype"]]
+        if rule == "sae_finetune":  # two shuffle buffers on the GPU, pinned staging rows per reader
+            buf = s["buffer_tokens"] * per_token
+            staging = s["read_ahead"] * s["read_chunks"] * c["chunk_rows"] * per_token
+            batch = 2 * 4 * s["batch_size"] * d_sae
+            train = 3 * 2 * s["tokens"] * arch.d_model * d_sae  # the dense encoder, x3 (the sparse rest is O(k))
+            return Estimate(BASE_HOST + sae + staging, 4 * sae + 2 * buf + batch,
+                            max(train / (PEAK["tf32"] * 0.5), s["tokens"] * per_token / DISK_BYTES_PER_S))
+        held = c["splits"].get("val", 0) * seq
+        n_saes = {"diff_layer": 1 + len(s["regimes"])}.get(rule, 1)  # diff compares weights on the host
+        passes = {"sae_evaluate": 1 + len(s["regimes"]), "diff_layer": 2}.get(rule, 1)
+        enc = 2 * held * arch.d_model * d_sae * passes
+        return Estimate(BASE_HOST + n_saes * sae, sae + 3 * 4 * 4096 * d_sae,
+                        max(enc / (PEAK["tf32"] * 0.5), passes * held * per_token / DISK_BYTES_PER_S))
+    return Estimate(BASE_HOST, 0.0, 0.0)
+
+
+def _activation_bytes(rule: str, cfg: dict, arch, seq: int, dtype: str) -> float:
+    """GPU memory a model job needs beyond the weights: the backward graph where it takes
+    gradients (patching: ``patching.top_k`` samples; IG: ``visual.ig_max_rows`` rows), else a
+    forward's transients for its batch."""
+    per_token_layer = (10 * arch.d_model + 3 * arch.d_mlp) * BYTES[dtype]  # what a block saves for backward
+    if rule == "study_layer":
+        return cfg["patching"]["top_k"] * seq * arch.n_layers * per_token_layer
+    if rule == "visual_tokens":
+        return cfg["visual"]["ig_max_rows"] * seq * arch.n_layers * per_token_layer
+    batch = cfg["cache"]["batch_size"]
+    return batch * seq * (4 * arch.d_model + 2 * arch.d_mlp) * BYTES[dtype] + 2 * batch * seq * arch.vocab * 4
+
+
+def request(e: Estimate, kind: str) -> dict:
+    """mem_mb, runtime (minutes), cpus and gpu for an estimate; at least 2 GB and 10 minutes."""
+    return {"mem_mb": max(2000, math.ceil(e.host * MARGIN / 1e6 / 1000) * 1000),
+            "runtime": max(10, math.ceil(e.seconds * 2 / 60 / 10) * 10),
+            "cpus": 2 if kind != "cpu" else 1,  # the job's torch threads (images decode in the main process)
+            "gpu": 1 if kind in ("model", "sae") else 0}
+
+
+def requests(cfg: dict, rules: list[str]) -> dict[str, dict]:
+    """Each rule's cluster request: derived from the sizes (``request(estimate(...))``) where the
+    model's config.json can be read, else the config's per-kind entry; then the config's
+    ``resources`` entries for the rule's kind and for the rule itself override it, key by key."""
+    from stagediff.plan import architecture, sae_width
+
+    table = cfg.get("resources", {})
+    try:
+        arch = architecture(cfg)
+        d_sae, seq = sae_width(cfg, arch), arch.image_tokens + TEXT_TOKENS
+    except (FileNotFoundError, KeyError):  # model files not fetched yet (a dry run before download)
+        arch = None
+    out = {}
+    for rule in rules:
+        kind = rule_kind(rule)
+        derived = request(estimate(rule, cfg, arch, d_sae, seq), kind) if arch else {}
+        out[rule] = {**FALLBACK[kind], **derived, **table.get(kind, {}), **table.get(rule, {})}
+    return out
+
+
+TEXT_TOKENS = 20  # prompt tokens per sample besides the image (VQAv2 questions + template)
+FALLBACK = {"model": {"mem_mb": 32000, "runtime": 240, "cpus": 2, "gpu": 1},
+            "sae": {"mem_mb": 16000, "runtime": 240, "cpus": 2, "gpu": 1},
+            "cpu": {"mem_mb": 4000, "runtime": 30, "cpus": 1, "gpu": 0}}
