@@ -28,7 +28,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from stagediff import config as sdc
-from stagediff.cache import MARKER, META, MODALITIES, LayerStoreWriter, cache_batch
+from stagediff.cache import MARKER, META, MODALITIES, LayerStoreWriter, _ShardedColumn, cache_batch
 from stagediff.data.items import vqa_items
 from stagediff.data.toy_world import generate_toy_world
 from stagediff.models.toy_lm import train_base_lm
@@ -36,11 +36,12 @@ from stagediff.models.toy_vlm import build_vlm
 from stagediff.models.vlm import decoder_layers, iter_batches
 
 
-class _Column:
+class _Column(_ShardedColumn):
     """One array of a layer store through zarr-python's public API, grown along axis 0: rows are
-    gathered in one shard-sized buffer and written as whole-shard slices (so Zarr encodes each shard
-    once, never reading it back). The array's capacity doubles when full and is cut to the row count
-    at ``close``: O(log n) metadata writes, not one per shard."""
+    gathered in one shard-sized buffer (``_ShardedColumn.add``, the cache's own buffering) and
+    written as whole-shard slices (so Zarr encodes each shard once, never reading it back). The
+    array's capacity doubles when full and is cut to the row count at ``close``: O(log n) metadata
+    writes, not one per shard."""
 
     def __init__(self, group, name: str, width: int | None, dtype, chunk_rows: int, shard_rows: int):
         tail = () if width is None else (width,)
@@ -50,16 +51,7 @@ class _Column:
         self.n = 0  # rows waiting in buf
         self.rows = 0  # rows written
 
-    def add(self, rows: np.ndarray) -> None:
-        i = 0
-        while i < len(rows):
-            take = min(len(self.buf) - self.n, len(rows) - i)
-            self.buf[self.n : self.n + take] = rows[i : i + take]  # casts, e.g. int64 positions to int32
-            self.n, i = self.n + take, i + take
-            if self.n == len(self.buf):
-                self._flush()
-
-    def _flush(self) -> None:
+    def _write_shard(self) -> None:  # what ``add`` calls when the buffer is full
         end = self.rows + self.n
         if end > self.arr.shape[0]:
             self.arr.resize((2 * self.arr.shape[0], *self.arr.shape[1:]))
@@ -68,7 +60,7 @@ class _Column:
 
     def close(self) -> None:
         if self.n:
-            self._flush()
+            self._write_shard()
         self.arr.resize((self.rows, *self.arr.shape[1:]))
 
 

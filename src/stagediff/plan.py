@@ -157,7 +157,7 @@ def plan(config_file: str | Path, gpu_mem_gb: float = 80.0) -> dict:
                     "text_tokens_gb": n * res.TEXT_TOKENS * per_token / 1e9}
             for split, n in c["splits"].items() if n}
     layer_gb = sum(d["all_tokens_gb"] for d in disk.values())
-    requests = res.requests(real, list(jobs))
+    requests = res.requests(real, list(jobs), (arch, d_sae, seq))
     rules = {}
     for rule, n in jobs.items():
         e = res.estimate(rule, real, arch, d_sae, seq)

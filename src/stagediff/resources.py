@@ -146,22 +146,28 @@ def request(e: Estimate, kind: str) -> dict:
             "gpu": 1 if kind in ("model", "sae") else 0}
 
 
-def requests(cfg: dict, rules: list[str]) -> dict[str, dict]:
-    """Each rule's cluster request: derived from the sizes (``request(estimate(...))``) where the
-    model's config.json can be read, else the config's per-kind entry; then the config's
-    ``resources`` entries for the rule's kind and for the rule itself override it, key by key."""
+def model_shapes(cfg: dict):
+    """(arch, d_sae, tokens per sample) from the model's config.json files, or None where they are
+    not fetched yet (a dry run before download). Read once per workflow parse."""
     from stagediff.plan import architecture, sae_width
 
-    table = cfg.get("resources", {})
     try:
         arch = architecture(cfg)
-        d_sae, seq = sae_width(cfg, arch), arch.image_tokens + TEXT_TOKENS
-    except (FileNotFoundError, KeyError):  # model files not fetched yet (a dry run before download)
-        arch = None
+    except (FileNotFoundError, KeyError):
+        return None
+    return arch, sae_width(cfg, arch), arch.image_tokens + TEXT_TOKENS
+
+
+def requests(cfg: dict, rules: list[str], shapes) -> dict[str, dict]:
+    """Each rule's cluster request: derived from the sizes (``request(estimate(...))``) where the
+    model's shapes are known (``shapes``: ``model_shapes(cfg)``), else the per-kind fallback; then
+    the config's ``resources`` entries for the rule's kind and for the rule itself override it,
+    key by key."""
+    table = cfg.get("resources", {})
     out = {}
     for rule in rules:
         kind = rule_kind(rule)
-        derived = request(estimate(rule, cfg, arch, d_sae, seq), kind) if arch else {}
+        derived = request(estimate(rule, cfg, *shapes), kind) if shapes else {}
         out[rule] = {**FALLBACK[kind], **derived, **table.get(kind, {}), **table.get(rule, {})}
     return out
 

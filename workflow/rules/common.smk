@@ -17,11 +17,14 @@ ENV = "../../envs/stagediff.yaml"
 REGIMES = config["sae_finetune"]["regimes"]
 
 
+MODEL_SHAPES = sdr.model_shapes(config)  # the model's config.json files, read once per parse
+
+
 def job_resources(rule):
     """A rule's cluster request (stagediff.resources: derived from the config's sizes, overridden by
     its `resources` table); memory and minutes grow with the attempt, so a job killed for OOM or
     TIMEOUT is retried (profile `retries`) with more of both."""
-    r = sdr.requests(config, [rule])[rule]
+    r = sdr.requests(config, [rule], MODEL_SHAPES)[rule]
     return {
         **({"gpu": r["gpu"]} if r["gpu"] else {}),  # --gpus=N; never also `gres` (a double request)
         # where the job computes: a resource, not a param, so `device: auto` -> `cuda` reruns nothing
@@ -35,7 +38,7 @@ def job_resources(rule):
 def convert_mem_mb(wildcards, input, attempt):
     """Conversion holds the weights about three times over (read, renamed, cast)."""
     weights = sum(f.stat().st_size for f in Path(input.checkpoint).glob("*.safetensors")) >> 20
-    return max(sdr.requests(config, ["convert_llava"])["convert_llava"]["mem_mb"], 3 * weights) * attempt
+    return max(sdr.requests(config, ["convert_llava"], MODEL_SHAPES)["convert_llava"]["mem_mb"], 3 * weights) * attempt
 
 
 wildcard_constraints:

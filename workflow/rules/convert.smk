@@ -16,7 +16,7 @@ if not TOY and "original" in config["model"]:
         threads: 2
         resources:
             mem_mb=convert_mem_mb,
-            runtime=sdr.requests(config, ["convert_llava"])["convert_llava"]["runtime"],
+            runtime=sdr.requests(config, ["convert_llava"], MODEL_SHAPES)["convert_llava"]["runtime"],
         conda:
             ENV
         shell:
