@@ -16,11 +16,11 @@ $(BIN)/.installed: pyproject.toml envs/requirements.txt envs/requirements-test.t
 install: $(BIN)/.installed
 
 demo: install
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
+	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
 	$(BIN)/python -c "import pandas as pd; print(pd.read_parquet('results/toy/tables/vlm_accuracy.parquet').to_string(index=False))"
 
 test: install
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -n $(CORES) tests
+	$(BIN)/python -m pytest -q -n $(CORES) tests
 
 clean:
 	rm -rf results/toy logs .snakemake

@@ -5,8 +5,10 @@ import csv
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,13 +22,34 @@ def tiny_config() -> dict:
     return yaml.safe_load(TINY.read_text())
 
 
+def without_venv() -> dict:
+    """The environment of a shell that never activated the venv: no directory on PATH has a
+    ``stagediff`` (the rules must find it through the Python that runs Snakemake)."""
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if not (Path(p) / "stagediff").is_file())
+    return env
+
+
 def run_smk(*args, cwd, check=True):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    """``<venv>/bin/python -m snakemake …`` as a user types ``.venv/bin/snakemake …``, unactivated."""
+    env = without_venv()
     r = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, env=env, text=True,
                        capture_output=True)
     if check and r.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return r
+
+
+def killed_run(cwd, *args, when) -> None:
+    """Snakemake with ``args``, SIGKILLed with all its jobs as soon as ``when()`` holds."""
+    p = subprocess.Popen([sys.executable, "-m", "snakemake", *args], cwd=cwd, env=without_venv(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not when() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert p.poll() is None, f"snakemake {' '.join(args)} ended (rc {p.returncode}) before the moment to kill it"
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
 
 
 def summary(configfile: str, cwd) -> dict[str, str]:

@@ -13,7 +13,7 @@ import torch
 import zarr
 
 from stagediff.cache import (META, MARKER, ActivationStore, LayerStoreWriter, _DropBehind, cache_activations,
-                             from_storage, to_storage)
+                             stored_tensor, to_storage)
 from stagediff.capture import capture_residuals
 from stagediff.data.items import vqa_items
 from stagediff.models.vlm import decoder_layers, load_vlm
@@ -103,7 +103,7 @@ def _shard_files(array):
 
 def test_bf16_uint16_round_trip_and_shards(world, tmp_path):
     x = torch.randn(100, 8)
-    assert torch.equal(from_storage(to_storage(x, "bfloat16"), "bfloat16"), x.to(torch.bfloat16).float())
+    assert torch.equal(stored_tensor(to_storage(x, "bfloat16"), "bfloat16").float(), x.to(torch.bfloat16).float())
     outs = _run(world, tmp_path, [1], {**CFG, "dtype": "bfloat16"})
     g = zarr.open_group(outs[1], mode="r")
     assert g["text"]["acts"].dtype == np.uint16
@@ -175,13 +175,17 @@ def test_written_shards_leave_the_page_cache_one_file_behind(tmp_path):
     assert _resident_pages(paths[0]) == _resident_pages(paths[1]) == 0
 
 
-def test_nan_stops_with_sample_and_layer(world, tmp_path):
+@pytest.mark.reliability
+@pytest.mark.parametrize("value, dtype", [(float("nan"), "float32"), (1e6, "float16")], ids=["nan", "beyond_fp16"])
+def test_a_non_finite_value_as_stored_stops_with_sample_and_layer(world, tmp_path, value, dtype):
+    """Checked after the cast to cache.dtype: 1e6 is finite in the model but Inf in float16."""
     cfg, model, processor, items = world
     blk = decoder_layers(model)[0]
-    h = blk.register_forward_hook(lambda m, a, o: o.fill_(float("nan")))
+    h = blk.register_forward_hook(lambda m, a, o: o.fill_(value))
     try:
-        with pytest.raises(FloatingPointError, match=f"layer 0, sample_id {items[0].sample_id}"):
-            _run(world, tmp_path, [0])
+        with pytest.raises(FloatingPointError, match=f"layer 0, sample_id {items[0].sample_id}, as stored in "
+                                                     f"cache.dtype {dtype}"):
+            _run(world, tmp_path, [0], {**CFG, "dtype": dtype})
     finally:
         h.remove()
     assert not (tmp_path / "L0.zarr").exists()  # nothing half-written left behind

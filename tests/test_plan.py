@@ -83,3 +83,19 @@ def test_plan_cli_prints_the_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "sae_finetune" in out and "128" in out and "GB all tokens" in out and "GPU memory 141 GB" in out
     assert "model loads: 37" in out
+
+
+def test_paper_plan_bounds_and_flop_floor_by_hand(tmp_path):
+    p = plan(_paper_config(tmp_path))
+    ft, cache = p["rules"]["sae_finetune"], p["rules"]["cache_activations_g0"]
+    # SAE fine-tuning, by hand: the dense encoder x3 (forward, two backward products) = 3 x 2 x 30M
+    # tokens x 4096 x 32768 FLOPs at TF32 x 0.5, against reading 30M tokens x 4096 x 2 B at 1 GB/s
+    tokens_read = 128 * 30e6 * 4096 * 2
+    assert ft["floor_hours"] == pytest.approx(128 * 3 * 2 * 30e6 * 4096 * 32768 / (495e12 * 0.5) / 3600)
+    assert ft["bound"] == "read" and ft["read_gb"] == pytest.approx(tokens_read / 1e9)
+    assert ft["gpu_hours"] == pytest.approx(tokens_read / 1e9 / 3600)  # 1 GB/s
+    # the cache writes 55k samples x (576 + 20) tokens x 4096 x 2 B for each of 32 layers
+    written = 55_000 * 596 * 4096 * 2 * 32
+    assert cache["bound"] == "write" and cache["written_gb"] == pytest.approx(written / 1e9)
+    assert cache["gpu_hours"] == pytest.approx(written / 1e9 / 3600) and cache["gpu_hours"] > cache["floor_hours"]
+    assert p["rules"]["autointerp_describe"]["bound"] == "API" and p["rules"]["study_layer"]["bound"] == "compute"

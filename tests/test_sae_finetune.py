@@ -41,12 +41,17 @@ def make_store(path, n_text=(300, 60), n_image=(500, 90), offset_image=4.0, dtyp
     return ActivationStore(path)
 
 
-@pytest.fixture
-def world(tmp_path):
+def store_and_base(tmp_path):
+    """A layer store (``make_store``) and a random base SAE in the Llama Scope layout at tmp_path/base."""
     store = make_store(tmp_path / "L0.zarr")
     base = TopKSAE.random_init(D, D_SAE, K, scale=math.sqrt(D) / 6.0, generator=torch.Generator().manual_seed(0))
     save_llama_scope(base, tmp_path / "base", layer=0, lm_config={}, threshold=0.0)
     return tmp_path, store
+
+
+@pytest.fixture
+def world(tmp_path):
+    return store_and_base(tmp_path)
 
 
 def test_stream_visits_each_train_row_once_per_epoch_and_never_val(world):

@@ -10,7 +10,7 @@ import yaml
 from stagediff.api import list_tables, load_table
 from stagediff.cache import ActivationStore
 from tests import conftest
-from tests.conftest import run_smk
+from tests.conftest import killed_run, run_smk
 from tests.llm_server import LLMServer
 
 CFG = ["--configfile", ".test/config.yaml"]
@@ -140,6 +140,17 @@ def test_end_to_end_then_only_the_changed_layer_is_stale(workdir, monkeypatch):
     stale = {f for f, plan in summary(workdir).items() if plan != "no update"}
     assert stale == layer1
     run_smk("--cores", "2", *CFG, cwd=workdir)
+
+    # killed while forced auto-interp jobs run (their per-layer outputs already deleted): after
+    # --unlock, a plain run with --rerun-incomplete (README) makes them again, tables as before
+    before = pd.read_parquet(res / "tables" / "autointerp.parquet")
+    describes = [res / "autointerp" / f"L{layer}.parquet" for layer in (0, 1)]
+    killed_run(workdir, "--cores", "2", "--forcerun", "autointerp_describe", *CFG,
+               when=lambda: not all(f.exists() for f in describes))
+    run_smk("--unlock", *CFG, cwd=workdir)
+    run_smk("--cores", "2", "--rerun-incomplete", *CFG, cwd=workdir)
+    assert all(f.exists() for f in describes) and set(summary(workdir).values()) == {"no update"}
+    pd.testing.assert_frame_equal(pd.read_parquet(res / "tables" / "autointerp.parquet"), before)
 
     # auto-interp switched to the openai backend, served by a local OpenAI-compatible server: only
     # the describe jobs (and what reads them) rerun, and every record now comes from that endpoint

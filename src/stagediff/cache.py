@@ -5,7 +5,8 @@ Layout of ``L<layer>.zarr`` (one store per layer)::
     text/acts     [n_text, d_model]   residual activations (bf16 stored as a uint16 view by default)
     text/sample_id, text/position, text/token_id, text/split   one entry per cached token
     image/...     the same for image tokens
-    COMPLETE      JSON marker, written last (a store without it is never read)
+    COMPLETE      JSON marker, written last (a store without it is never read): row counts and
+                  every shard file's size, so a reader proves the store whole before using it
 
 Rows are appended in whole shards (the Zarr v3 sharding codec), so a layer's store is a handful
 of files and the single writer never rewrites a shard. The stores of one job hold the same tokens,
@@ -36,7 +37,7 @@ from zarr.storage import LocalStore, MemoryStore
 
 from stagediff.capture import capture_residuals
 from stagediff.data.items import SPLIT_CODES, Item
-from stagediff.io import atomic_dir
+from stagediff.io import atomic_dir, read_json
 from stagediff.models.vlm import iter_batches, to_model, token_masks
 
 log = logging.getLogger(__name__)
@@ -52,11 +53,17 @@ def config_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+class StoreDamaged(RuntimeError):
+    """A store that cannot be proven whole: a missing or short shard, wrong row counts, or
+    non-finite values where it is read. The message names the store and what is wrong."""
+
+
 def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
     """bf16 has no Zarr dtype: store its bit pattern as uint16 (exact round trip)."""
+    x = x.to(getattr(torch, dtype))
     if dtype == "bfloat16":
-        return x.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
-    return x.to(getattr(torch, dtype)).cpu().numpy()
+        return x.view(torch.int16).cpu().numpy().view(np.uint16)
+    return x.cpu().numpy()
 
 
 def stored_tensor(a: np.ndarray, dtype: str) -> torch.Tensor:
@@ -64,11 +71,6 @@ def stored_tensor(a: np.ndarray, dtype: str) -> torch.Tensor:
     if dtype == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(a))
-
-
-def from_storage(a: np.ndarray, dtype: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """float32 on ``device``; moved as stored (bf16: half the bytes) and widened there."""
-    return stored_tensor(a, dtype).to(device).float()
 
 
 @functools.lru_cache  # immutable, and the same for every layer store of a job
@@ -190,16 +192,20 @@ class LayerStoreWriter:
     def close(self, summary: dict) -> None:
         meta = {f"{m}/{name}": col.close() for m, cols in self.meta.items() for name, col in cols.items()}
         files = [f for cols in self.meta.values() for col in cols.values() for f in col.files]
+        shared = {f.relative_to(self.first).as_posix(): f.stat().st_size for f in files}
         for L, path in self.paths.items():
             if path != self.first:
                 for f in files:
                     _link(f, path / f.relative_to(self.first))
+            own = {f.relative_to(path).as_posix(): f.stat().st_size
+                   for col in self.acts[L].values() for f in col.files}
             nodes = {"": GroupMetadata(attributes={**self.attrs, "layer": L}), **meta}
             nodes.update({m: GroupMetadata() for m in MODALITIES})
             nodes.update({f"{m}/acts": col.close() for m, col in self.acts[L].items()})
             # one call writes every node's metadata concurrently, instead of a round trip per node
             dict(zarr.create_hierarchy(store=LocalStore(path), nodes=nodes))
-            (path / MARKER).write_text(json.dumps(summary, sort_keys=True))
+            rows = {f"n_{m}": col.rows for m, col in self.acts[L].items()}
+            (path / MARKER).write_text(json.dumps({**summary, **rows, "shards": {**own, **shared}}, sort_keys=True))
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -243,7 +249,7 @@ def _write_stores(model, processor, items: list[Item], layers: list[int], paths:
             dt = time.time() - t0
             log.info("cache: %d/%d samples, %.0f tokens/s, ETA %.0fs", done, len(items),
                      (counts["text"] + counts["image"]) / max(dt, 1e-9), dt / done * (len(items) - done))
-    writer.close({"n_text": counts["text"], "n_image": counts["image"], "n_samples": len(items)})
+    writer.close({"n_samples": len(items)})
 
 
 def cache_batch(model, part: list[Item], b: dict, layers: list[int], writer: LayerStoreWriter,
@@ -264,7 +270,8 @@ def cache_batch(model, part: list[Item], b: dict, layers: list[int], writer: Lay
     stored = {}
     for L in layers:
         x = acts[L].flatten(0, 1).index_select(0, flat)  # 1.5x faster than acts[L][rows, cols] here
-        _check_finite(x, meta["sample_id"], L)
+        x = x.to(getattr(torch, dtype))  # checked as stored: fp16 storage turns a large value into Inf
+        _check_finite(x, meta["sample_id"], L, dtype)
         stored[L] = to_storage(x, dtype)
     n_text = len(text[0])
     for m, span in (("text", slice(0, n_text)), ("image", slice(n_text, None))):
@@ -272,26 +279,68 @@ def cache_batch(model, part: list[Item], b: dict, layers: list[int], writer: Lay
     return {"text": n_text, "image": len(rows) - n_text}
 
 
-def _check_finite(x: torch.Tensor, sample_ids: np.ndarray, layer: int) -> None:
-    if torch.isfinite(x.sum()):  # fast path: a finite sum means no NaN/Inf (overflow only falls through)
-        return
-    bad = ~torch.isfinite(x).all(dim=-1)
-    if bad.any():
-        sid = int(sample_ids[bad.nonzero()[0, 0].item()])
-        raise FloatingPointError(f"non-finite activation at layer {layer}, sample_id {sid}")
+def first_nonfinite_row(x: torch.Tensor) -> int | None:
+    """The first row of ``x`` holding a NaN or Inf, or None. ``aminmax`` decides (NaN propagates
+    into it, an Inf is its min or max): exact, in the storage dtype, and 20x faster than a float32
+    sum of bf16 rows on the CPU (4 vs 79 ms for 64 MB here; a float32 sum cut the stream
+    to 0.24 of the disk, bench_stream.py)."""
+    if len(x) == 0 or all(torch.isfinite(v) for v in torch.aminmax(x)):
+        return None
+    return int((~torch.isfinite(x)).any(dim=-1).nonzero()[0, 0])
+
+
+def _check_finite(x: torch.Tensor, sample_ids: np.ndarray, layer: int, dtype: str) -> None:
+    row = first_nonfinite_row(x)
+    if row is not None:
+        raise FloatingPointError(f"non-finite activation at layer {layer}, sample_id {int(sample_ids[row])}, "
+                                 f"as stored in cache.dtype {dtype}")
 
 
 class ActivationStore:
-    """Read one finished layer store. Refuses a store without the completion marker."""
+    """Read one finished layer store, proven whole on open: the completion marker is there, every
+    shard file it lists has its size, and the arrays have its row counts. Every read checks its
+    rows are finite. Each failure is a ``StoreDamaged`` naming the store and the file or rows."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not (self.path / MARKER).is_file():
-            raise RuntimeError(f"{self.path}: activation cache is incomplete (no {MARKER} marker); rerun the cache")
-        self.group = zarr.open_group(self.path, mode="r")
+            raise StoreDamaged(f"{self.path}: activation cache is incomplete (no {MARKER} marker); rerun the cache")
+        try:
+            self.summary = read_json(self.path / MARKER)
+            self.group = zarr.open_group(self.path, mode="r")
+        except (ValueError, OSError) as e:
+            raise StoreDamaged(f"{self.path}: unreadable ({e}); delete it and rerun the cache") from None
         self.attrs = dict(self.group.attrs)
-        self.summary = json.loads((self.path / MARKER).read_text())
         self._arrays: dict = {}
+        self._verify()
+
+    def _verify(self) -> None:
+        damaged = f"; the store is damaged: delete {self.path} and rerun the cache"
+        if "shards" not in self.summary:
+            raise StoreDamaged(f"{self.path}: its {MARKER} marker lists no shard sizes (written by an older "
+                               f"stagediff){damaged}")
+        for rel, size in self.summary["shards"].items():
+            f = self.path / rel
+            actual = f.stat().st_size if f.is_file() else None
+            if actual != size:
+                what = "missing" if actual is None else f"{actual} bytes, expected {size}"
+                raise StoreDamaged(f"{self.path}: shard {rel} is {what}{damaged}")
+        for m in MODALITIES:
+            try:
+                self.n_tokens(m)
+            except KeyError:
+                raise StoreDamaged(f"{self.path}: no {m}/acts array{damaged}") from None
+            if self.n_tokens(m) != self.summary[f"n_{m}"]:
+                raise StoreDamaged(f"{self.path}: {m}/acts has {self.n_tokens(m)} rows, its marker says "
+                                   f"{self.summary[f'n_{m}']}{damaged}")
+
+    def check_finite(self, t: torch.Tensor, modality: str, start: int) -> torch.Tensor:
+        """``t``: rows ``start : start + len(t)`` of ``modality``, as read (on any device)."""
+        row = first_nonfinite_row(t)
+        if row is not None:
+            raise StoreDamaged(f"{self.path}: non-finite activation in {modality} rows [{start}, {start + len(t)}) "
+                               f"(first at row {start + row}); the store is damaged: delete it and rerun the cache")
+        return t
 
     def array(self, modality: str, name: str = "acts"):
         """The Zarr array (opened once: each open reads its metadata from disk)."""
@@ -303,20 +352,31 @@ class ActivationStore:
     def n_tokens(self, modality: str) -> int:
         return self.array(modality).shape[0]
 
+    def check_width(self, d_model: int, what: str) -> None:
+        """Refuse an SAE (``what``: which, and its file) whose d_model is not this store's width."""
+        width = self.array("image").shape[1]
+        if d_model != width:
+            raise ValueError(f"{what} has d_model {d_model}, but {self.path} holds {width}-wide activations: "
+                             f"base_sae.path and the model (model.vlm) do not match")
+
     def acts(self, modality: str, start: int = 0, stop: int | None = None,
              device: torch.device | str = "cpu") -> torch.Tensor:
-        return from_storage(self.array(modality)[start:stop], self.attrs["dtype"], device)
+        """float32 on ``device``; moved as stored (bf16: half the bytes) and widened there."""
+        return self.stored(modality, start, stop).to(device).float()
 
-    def stored(self, modality: str, start: int, stop: int) -> torch.Tensor:
+    def stored(self, modality: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows in the storage dtype on the CPU (the stream's read: widened only per batch)."""
-        return stored_tensor(self.array(modality)[start:stop], self.attrs["dtype"])
+        return self.check_finite(stored_tensor(self.array(modality)[start:stop], self.attrs["dtype"]), modality, start)
 
-    def read_into(self, modality: str, start: int, out: torch.Tensor) -> None:
+    def read_into(self, modality: str, start: int, out: torch.Tensor, check: bool = True) -> None:
         """Rows ``start : start + len(out)`` written straight into ``out`` (a CPU tensor in the
-        storage dtype): no fresh array per read, which halves zarr's read time here (BENCHMARKS.md)."""
+        storage dtype): no fresh array per read, which halves zarr's read time here (BENCHMARKS.md).
+        ``check=False``: the caller checks the rows are finite (``check_finite``)."""
         raw = out.view(torch.int16) if out.dtype == torch.bfloat16 else out
         self.array(modality).get_basic_selection(slice(start, start + len(out)),
                                                  out=NDBuffer.from_numpy_array(raw.numpy()))
+        if check:
+            self.check_finite(out, modality, start)
 
     def meta(self, modality: str, name: str) -> np.ndarray:
         return self.array(modality, name)[:]

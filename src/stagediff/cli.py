@@ -14,6 +14,8 @@ import platform
 import sys
 from pathlib import Path
 
+from stagediff.io import read_json, read_safetensors
+
 log = logging.getLogger("stagediff")
 
 
@@ -262,7 +264,7 @@ def cmd_neutral(a) -> None:
         if model is None:
             model, processor = _world(p, a.device)
             neutral = [p["prompts"]["neutral"].format(prompt=t)
-                       for t in json.loads(Path(p["data"]["neutral_prompts"]).read_text())]
+                       for t in read_json(Path(p["data"]["neutral_prompts"]))]
             items = vqa_items(p["data"], split, p["prompts"], p["question_splits"])
         table = neutral_evidence(vlm_rerun(model, processor, layer), load_sae(sae, model_device(model)), layer,
                                  ActivationStore(cache), items, candidates, neutral, p["neutral"], split)
@@ -298,7 +300,7 @@ def cmd_autointerp_describe(a) -> None:
 
     p = _params(a.params)
     ai = p["autointerp"]
-    examples = json.loads(Path(a.examples).read_text())
+    examples = read_json(Path(a.examples))
     write_parquet(describe_layer(examples, ai, ai["cache_dir"], p["seed"], a.out_dir, p["pad_to_square"]), a.summary)
 
 
@@ -354,8 +356,6 @@ def _autointerp_examples(p: dict, model, processor, sae, selected, layer: int) -
 
 
 def _patching(p: dict, model, processor, sae, selected, a):
-    from safetensors.torch import load_file
-
     from stagediff.cache import ActivationStore
     from stagediff.data.items import vqa_items
     from stagediff.patching.layer import patching_layer
@@ -363,7 +363,7 @@ def _patching(p: dict, model, processor, sae, selected, a):
     split = p["shift"]["split"]
     items = vqa_items(p["data"], split, p["prompts"], p["question_splits"])
     return patching_layer(model, processor, sae, a.layer, ActivationStore(a.cache), items, selected,
-                          load_file(a.mean)["mean"], p["patching"], split, a.patching_dir)
+                          read_safetensors(a.mean)["mean"], p["patching"], split, a.patching_dir)
 
 
 def _ablation(p: dict, model, processor, sae, selected, layer: int):
@@ -443,7 +443,7 @@ def cmd_visual_figures(a) -> None:
 
     from stagediff.figures.visual import visual_figures
 
-    visual_figures(pd.read_parquet(a.ablation), pd.read_parquet(a.logit_lens), json.loads(Path(a.maps).read_text()),
+    visual_figures(pd.read_parquet(a.ablation), pd.read_parquet(a.logit_lens), read_json(Path(a.maps)),
                    pd.read_parquet(a.knockout), a.out_dir, _params(a.params)["pad_to_square"])
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import jsonschema
@@ -51,6 +52,7 @@ def load_schema() -> dict:
 def validate(config: dict, source: str = "config") -> dict:
     """Schema check + defaults + semantic checks + toy-path resolution; returns a new dict."""
     config = copy.deepcopy(config)
+    _check_api_key_env(config, source)  # before the schema, whose messages quote values
     schema = load_schema()
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: e.path)
     if errors:
@@ -66,7 +68,44 @@ def validate(config: dict, source: str = "config") -> dict:
     else:
         _check_paths(config, source)
     _check_shared_subtypes(config["data"]["vqav2"], source)
+    _check_sae_finetune(config["sae_finetune"], source)
     return config
+
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+def looks_like_a_key(value: str) -> bool:
+    """Not an environment variable's name, or a long random-looking token (a pasted key)."""
+    return not ENV_NAME.fullmatch(value) or (len(value) >= 24 and any(c.isdigit() for c in value)
+                                             and any(c.islower() for c in value))
+
+
+def _check_api_key_env(config: dict, source: str) -> None:
+    value = config.get("autointerp", {}).get("openai", {}).get("api_key_env")
+    if isinstance(value, str) and looks_like_a_key(value):
+        raise ConfigError(f"{source}: config key autointerp.openai.api_key_env must name the environment variable "
+                          f"holding the key (e.g. OPENAI_API_KEY); its value looks like a key itself and is not "
+                          f"shown. Remove it from the config and export it instead")
+
+
+def check_base_sae_width(config: dict, d_model: int) -> None:
+    """The base SAEs' d_model (their hyperparams.json, where already there) against the model's
+    hidden size: known before any job runs, so a mismatch is refused at parse time."""
+    from stagediff.io import read_json
+
+    for layer in config["layers"]:
+        hp = Path(config["base_sae"]["path"].format(layer=layer)) / "hyperparams.json"
+        width = read_json(hp).get("d_model") if hp.is_file() else d_model
+        if width != d_model:
+            raise ConfigError(f"config key base_sae.path: {hp} has d_model {width}, but the model (model.vlm) "
+                              f"has hidden size {d_model}")
+
+
+def _check_sae_finetune(s: dict, source: str) -> None:
+    if s["batch_size"] > s["buffer_tokens"]:
+        raise ConfigError(f"{source}: config key sae_finetune.batch_size = {s['batch_size']} exceeds "
+                          f"sae_finetune.buffer_tokens = {s['buffer_tokens']}: a batch is cut from one shuffle buffer")
 
 
 def _check_shared_subtypes(v: dict, source: str) -> None:

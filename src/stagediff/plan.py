@@ -5,7 +5,9 @@ every file the config names (so it works before anything is downloaded). Memory,
 come from the model's shapes, read from its config.json files (a few KB; fetch those first), and
 the config's sizes, through ``stagediff.resources`` (the same estimates the rules request):
 
-* per rule: jobs, peak host / GPU memory of one job against its request, GPU-hours;
+* per rule: jobs, peak host / GPU memory of one job against its request, what bounds it (compute,
+  cache reads, cache writes, the LLM API), its GPU-hours and their FLOP floor (the same FLOPs at
+  the assumed rate, without the disk): GPU-hours above the floor are time spent waiting on disk;
 * model loads (jobs that load the VLM) and cache passes (forward passes over the data, a layer
   group costing the share of the LM up to its deepest layer);
 * disk: per layer and split, tokens x d_model x bytes of the cache dtype plus 17 B of per-token
@@ -25,6 +27,7 @@ import yaml
 
 from stagediff import config as sdc
 from stagediff import resources as res
+from stagediff.io import read_json
 
 REPO = Path(__file__).resolve().parents[2]
 BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -62,7 +65,7 @@ def architecture(cfg: dict) -> Arch:
     m = cfg["model"]
     hf = Path(m["vlm"]) / "config.json"
     if hf.is_file():
-        c = json.loads(hf.read_text())
+        c = read_json(hf)
         text, vision = c["text_config"], c["vision_config"]
     else:
         if "original" not in m:
@@ -71,7 +74,7 @@ def architecture(cfg: dict) -> Arch:
         for f in files:
             if not f.is_file():
                 raise FileNotFoundError(f"{f}: missing; fetch the config.json files first (a few KB)")
-        text, vision = (json.loads(f.read_text()) for f in files)
+        text, vision = (read_json(f) for f in files)
         vision = vision.get("vision_config", vision)
     return Arch(text["hidden_size"], text["num_hidden_layers"], text["intermediate_size"],
                 (vision["image_size"] // vision["patch_size"]) ** 2, vision["hidden_size"],
@@ -137,7 +140,7 @@ def sae_width(raw: dict, arch: Arch) -> int:
     if "toy" in raw:
         return raw["toy"]["base_sae"]["expansion_factor"] * arch.d_model
     hp = Path(raw["base_sae"]["path"].format(layer=raw["layers"][0])) / "hyperparams.json"
-    return json.loads(hp.read_text())["d_sae"] if hp.is_file() else 8 * arch.d_model
+    return read_json(hp)["d_sae"] if hp.is_file() else 8 * arch.d_model
 
 
 def plan(config_file: str | Path, gpu_mem_gb: float = 80.0) -> dict:
@@ -162,15 +165,17 @@ def plan(config_file: str | Path, gpu_mem_gb: float = 80.0) -> dict:
     for rule, n in jobs.items():
         e = res.estimate(rule, real, arch, d_sae, seq)
         r = requests[rule]
-        hours = n * e.seconds / 3600
+        hours, floor = n * e.seconds / 3600, n * e.compute_s / 3600
         if rule == "study_layer":  # the requests assume the worst case per layer; in all, the features
             # are studied once: every layer's fixed part (its auto-interp pool) plus each feature once
             fixed = res.model_flops(rule, real, arch, seq, features=0)
             per = res.model_flops(rule, real, arch, seq, features=1) - fixed
-            hours = (n * fixed + res.downstream_features(real) * per) / (res.PEAK["bf16"] * 0.4) / 3600
+            hours = floor = (n * fixed + res.downstream_features(real) * per) / (res.PEAK["bf16"] * 0.4) / 3600
         rules[rule] = {"jobs": n, "kind": res.rule_kind(rule), "host_gb": e.host / 1e9, "gpu_gb": e.gpu / 1e9,
                        "request_gb": r["mem_mb"] / 1000, "runtime_min": r["runtime"], "gpu": r["gpu"],
-                       "gpu_hours": hours if r["gpu"] else 0.0,
+                       "bound": "API" if rule == "autointerp_describe" else e.bound,
+                       "read_gb": n * e.read / 1e9, "written_gb": n * e.written / 1e9,
+                       "gpu_hours": hours if r["gpu"] else 0.0, "floor_hours": floor if r["gpu"] else 0.0,
                        "fits": e.host <= r["mem_mb"] * 1e6 and e.gpu <= gpu_mem_gb * 1e9
                        and e.seconds <= r["runtime"] * 60}
     groups = c["layer_groups"] or [cfg["layers"]]
@@ -180,7 +185,8 @@ def plan(config_file: str | Path, gpu_mem_gb: float = 80.0) -> dict:
             "disk_total_gb": layer_gb * len(cfg["layers"]), "disk_peak_gb": layer_gb * len(cfg["layers"]),
             "disk_kept_gb": len(cfg["layers"]) * sum(d["all_tokens_gb"] for s, d in disk.items()
                                                      if s != "train" or c["keep_train"]),
-            "disk_budget_gb": c["disk_budget_gb"], "gpu_hours": {k: v["gpu_hours"] for k, v in rules.items()}}
+            "disk_budget_gb": c["disk_budget_gb"], "gpu_hours": {k: v["gpu_hours"] for k, v in rules.items()},
+            "floor_hours": {k: v["floor_hours"] for k, v in rules.items()}}
 
 
 def render(p: dict) -> str:
@@ -188,12 +194,17 @@ def render(p: dict) -> str:
     lines = [f"model: d_model {a.d_model}, {a.n_layers} layers, d_sae {p['d_sae']}, {a.image_tokens} image + "
              f"{res.TEXT_TOKENS} text tokens per sample; GPU memory {p['gpu_mem_gb']:g} GB (--gpu-mem)", "",
              f"  {'rule':<24} {'jobs':>5} {'host GB':>8} {'request':>8} {'GPU GB':>7} {'minutes':>8} "
-             f"{'GPU-h':>8}  fits"]
+             f"{'bound':>8} {'GPU-h':>7} {'floor':>7}  fits"]
     for rule, r in p["rules"].items():
         lines.append(f"  {rule:<24} {r['jobs']:>5} {r['host_gb']:>8.1f} {r['request_gb']:>8.1f} "
-                     f"{r['gpu_gb']:>7.1f} {r['runtime_min']:>8} {r['gpu_hours']:>8.2f}  {'yes' if r['fits'] else 'NO'}")
-    total_h = sum(p["gpu_hours"].values())
-    lines += [f"  {'total':<24} {sum(p['jobs'].values()):>5} {'':>8} {'':>8} {'':>7} {'':>8} {total_h:>8.2f}", "",
+                     f"{r['gpu_gb']:>7.1f} {r['runtime_min']:>8} {r['bound']:>8} {r['gpu_hours']:>7.2f} "
+                     f"{r['floor_hours']:>7.2f}  {'yes' if r['fits'] else 'NO'}")
+    total_h, floor_h = sum(p["gpu_hours"].values()), sum(p["floor_hours"].values())
+    lines += [f"  {'total':<24} {sum(p['jobs'].values()):>5} {'':>8} {'':>8} {'':>7} {'':>8} {'':>8} "
+              f"{total_h:>7.2f} {floor_h:>7.2f}", "",
+              f"GPU-hours / FLOP floor: {total_h / max(floor_h, 1e-12):.2f} (the rest is jobs waiting on the disk; "
+              f"cache reads and writes: {sum(r['read_gb'] for r in p['rules'].values()):.0f} GB read, "
+              f"{sum(r['written_gb'] for r in p['rules'].values()):.0f} GB written)",
               f"model loads: {p['model_loads']}    cache passes over the data: {p['cache_passes']:.2f}", "",
               "activation cache, per layer:"]
     for split, d in p["disk"].items():

@@ -35,7 +35,21 @@ SAE_RULES = ("sae_finetune", "sae_evaluate", "diff_layer", "shift_layer")
 class Estimate:
     host: float  # bytes
     gpu: float  # bytes (0: a CPU job)
-    seconds: float  # wall time on one GPU (or CPU) at the assumed rates
+    compute_s: float = 0.0  # the job's FLOPs at the assumed rate: its FLOP floor
+    read: float = 0.0  # bytes read from the activation cache
+    written: float = 0.0  # bytes written to it
+
+    @property
+    def seconds(self) -> float:
+        """Wall time on one GPU (or CPU) at the assumed rates: the slowest of compute, reads, writes."""
+        return max(self.compute_s, self.read / DISK_BYTES_PER_S, self.written / DISK_BYTES_PER_S)
+
+    @property
+    def bound(self) -> str:
+        if not self.seconds:
+            return "-"
+        return max((self.compute_s, "compute"), (self.read / DISK_BYTES_PER_S, "read"),
+                   (self.written / DISK_BYTES_PER_S, "write"))[1]
 
 
 def model_bytes(arch, dtype: str) -> float:
@@ -99,13 +113,12 @@ def estimate(rule: str, cfg: dict, arch, d_sae: int, seq: int) -> Estimate:
     if kind == "model":
         w = model_bytes(arch, dtype)
         host, gpu = BASE_HOST + w, w + _activation_bytes(rule, cfg, arch, seq, dtype)
-        seconds = model_flops(rule, cfg, arch, seq) / (PEAK["bf16"] * 0.4)
+        compute, written = model_flops(rule, cfg, arch, seq) / (PEAK["bf16"] * 0.4), 0.0
         if rule.startswith("cache_activations"):  # one shard buffer per layer and modality; the writes
             group = max(len(g) for g in (c["layer_groups"] or [cfg["layers"]]))
             host += group * 2 * c["chunk_rows"] * c["chunks_per_shard"] * arch.d_model * BYTES[c["dtype"]]
             written = sum(c["splits"].values()) * seq * arch.d_model * BYTES[c["dtype"]] * group
-            seconds = max(seconds, written / DISK_BYTES_PER_S)
-        return Estimate(host, gpu, seconds)
+        return Estimate(host, gpu, compute, written=written)
     if kind == "sae":
         s, sae = cfg["sae_finetune"], sae_bytes(arch, d_sae)
         per_token = arch.d_model * BYTES[c["dtype"]]
@@ -114,15 +127,15 @@ def estimate(rule: str, cfg: dict, arch, d_sae: int, seq: int) -> Estimate:
             staging = s["read_ahead"] * s["read_chunks"] * c["chunk_rows"] * per_token
             batch = 2 * 4 * s["batch_size"] * d_sae
             train = 3 * 2 * s["tokens"] * arch.d_model * d_sae  # the dense encoder, x3 (the sparse rest is O(k))
-            return Estimate(BASE_HOST + sae + staging, 4 * sae + 2 * buf + batch,
-                            max(train / (PEAK["tf32"] * 0.5), s["tokens"] * per_token / DISK_BYTES_PER_S))
+            return Estimate(BASE_HOST + sae + staging, 4 * sae + 2 * buf + batch, train / (PEAK["tf32"] * 0.5),
+                            read=s["tokens"] * per_token)
         held = c["splits"].get("val", 0) * seq
         n_saes = {"diff_layer": 1 + len(s["regimes"])}.get(rule, 1)  # diff compares weights on the host
         passes = {"sae_evaluate": 1 + len(s["regimes"]), "diff_layer": 2}.get(rule, 1)
         enc = 2 * held * arch.d_model * d_sae * passes
-        return Estimate(BASE_HOST + n_saes * sae, sae + 3 * 4 * 4096 * d_sae,
-                        max(enc / (PEAK["tf32"] * 0.5), passes * held * per_token / DISK_BYTES_PER_S))
-    return Estimate(BASE_HOST, 0.0, 0.0)
+        return Estimate(BASE_HOST + n_saes * sae, sae + 3 * 4 * 4096 * d_sae, enc / (PEAK["tf32"] * 0.5),
+                        read=passes * held * per_token)
+    return Estimate(BASE_HOST, 0.0)
 
 
 def _activation_bytes(rule: str, cfg: dict, arch, seq: int, dtype: str) -> float:

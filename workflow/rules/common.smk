@@ -1,8 +1,20 @@
 # Config validation (at parse time, before any job runs) and the helpers rules share.
+import shlex
+import sys
 from pathlib import Path
 
+from snakemake.io import is_flagged, strip_wildcard_constraints
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
+
 import stagediff.config as sdc
+import stagediff.io as sdio
 import stagediff.resources as sdr
+
+# Jobs run the `stagediff` installed beside the Python that runs Snakemake, so `.venv/bin/snakemake`
+# works without activating the venv (also on SLURM nodes: jobs restart Snakemake with that Python).
+# With --sdm conda the rule's own env provides it instead.
+if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+    shell.prefix(f"set -euo pipefail; PATH={shlex.quote(str(Path(sys.executable).parent))}:\"$PATH\"; ")
 
 config.update(sdc.validate(config, source="config"))
 
@@ -18,6 +30,8 @@ REGIMES = config["sae_finetune"]["regimes"]
 
 
 MODEL_SHAPES = sdr.model_shapes(config)  # the model's config.json files, read once per parse
+if MODEL_SHAPES:
+    sdc.check_base_sae_width(config, MODEL_SHAPES[0].d_model)
 
 
 def job_resources(rule):
@@ -75,6 +89,10 @@ def train_cache_output(layer):
     return out if config["cache"]["keep_train"] else temp(out)
 
 
+# A store whose marker is gone is absent, so its cache job reruns (a dry run shows it too).
+sdio.drop_unmarked([p(layer) for layer in LAYERS for p in (cache_path, train_cache_path)], "COMPLETE")
+
+
 def sae_path(layer, regime):
     return f"{OUT}/saes/L{layer}/{regime}"
 
@@ -96,6 +114,18 @@ def world_inputs():
     return {"vlm": config["model"]["vlm"], "vqav2": d["vqav2"]["root"], "vsr": d["vsr"]["root"]}
 
 
+def per_layer_outputs():
+    """Every kept output of every per-layer rule, for every layer (and regime): the default target
+    names them, so a run after any kill makes whatever is missing, even below a finished table."""
+    out = {}
+    for r in workflow.rules:
+        if "layer" in r.wildcard_names and r.wildcard_names <= {"layer", "regime"}:
+            for f in r.output:
+                if not is_flagged(f, "temp"):
+                    out.update(dict.fromkeys(expand(strip_wildcard_constraints(str(f)), layer=LAYERS, regime=REGIMES)))
+    return list(out)
+
+
 def all_targets():
     targets = [f"{OUT}/tables/vlm_accuracy.parquet"]
     targets += [cache_path(layer) for layer in LAYERS]
@@ -106,9 +136,7 @@ def all_targets():
     targets += [f"{OUT}/tables/autointerp.parquet", f"{OUT}/figures/autointerp"]
     targets += [f"{OUT}/tables/head_scores.parquet", f"{OUT}/figures/patching", f"{OUT}/tables/ablation.parquet"]
     targets += [f"{OUT}/figures/visual"]
-    if TOY:
-        targets += [config["base_sae"]["path"].format(layer=layer) for layer in LAYERS]
-    return targets
+    return targets + per_layer_outputs()
 
 
 def toy_base_sae_params(wildcards):

@@ -5,11 +5,12 @@ The same reader serves the real release and the toy world. Official file names:
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from stagediff.io import read_json
 
 QUESTIONS_FILE = "v2_OpenEnded_mscoco_{subtype}_questions.json"
 ANNOTATIONS_FILE = "v2_mscoco_{subtype}_annotations.json"
@@ -50,8 +51,7 @@ def annotation(question_id: int, image_id: int, answers: list[str], answer_type:
 def _read_json(path: Path, key: str) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"VQAv2 file not found: {path}")
-    with open(path) as f:
-        doc = json.load(f)
+    doc = read_json(path)
     if key not in doc:
         raise ValueError(f"{path}: not a VQAv2 file (no '{key}' field)")
     return doc[key]

@@ -32,7 +32,10 @@ def load_vsr(path: str | Path, image_dir: str | Path) -> list[VSRSample]:
         for i, line in enumerate(f):
             if not line.strip():
                 continue
-            r = json.loads(line)
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i + 1}: not valid JSON ({e}); the file is truncated or damaged") from None
             missing = {"image", "caption", "relation", "label"} - set(r)
             if missing:
                 raise ValueError(f"{path}:{i + 1}: VSR line lacks {sorted(missing)}")

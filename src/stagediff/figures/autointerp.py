@@ -2,7 +2,6 @@
 activation over the patches, prompt with activating tokens marked) under the description and F1."""
 from __future__ import annotations
 
-import json
 import textwrap
 from pathlib import Path
 
@@ -12,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from stagediff.autointerp.prompts import marked_text, overlay  # noqa: E402
-from stagediff.io import atomic_dir, save_figure  # noqa: E402
+from stagediff.io import atomic_dir, read_json, save_figure  # noqa: E402
 from stagediff.models.vlm import model_view  # noqa: E402
 
 
@@ -20,7 +19,7 @@ def autointerp_figures(dirs: list[str | Path], out_dir: str | Path, pad_to_squar
     with atomic_dir(out_dir) as tmp:
         for d in dirs:
             for path in sorted(Path(d).glob("feature_*.json")):
-                _figure(json.loads(path.read_text()), tmp, pad_to_square)
+                _figure(read_json(path), tmp, pad_to_square)
 
 
 def _figure(rec: dict, out: Path, pad_to_square: bool) -> None:

@@ -6,7 +6,6 @@ full and random on all tokens. The base SAE (no tuning) is the reference on all 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -16,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from stagediff.io import atomic_dir, save_figure, write_parquet  # noqa: E402
+from stagediff.io import atomic_dir, read_json, save_figure, write_parquet  # noqa: E402
 
 TOKENS = matplotlib.ticker.EngFormatter()  # 120k, 30M: readable tick labels at any scale
 OWN_SPAN = {"base": "all", "full": "all", "image": "image", "text": "text", "random": "all"}
@@ -26,7 +25,7 @@ COLORS = {"full": "tab:blue", "image": "tab:orange", "text": "tab:green", "rando
 def load_curves(sae_dirs: list[str | Path]) -> pd.DataFrame:
     parts = []
     for d in sae_dirs:
-        meta = json.loads((Path(d) / "cfg.json").read_text())
+        meta = read_json(Path(d) / "cfg.json")
         c = pd.read_parquet(Path(d) / "curve.parquet")
         parts.append(c.assign(layer=meta["layer"], regime=meta["regime"]))
     return pd.concat(parts, ignore_index=True)

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from stagediff.io import atomic_dir
+from stagediff.io import atomic_dir, read_json
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def convert_llava(checkpoint: str | Path, vision_tower: str | Path, out: str | P
     cfg_file = checkpoint / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file}: missing (an original LLaVA checkpoint folder?)")
-    cfg = json.loads(cfg_file.read_text())
+    cfg = read_json(cfg_file)
     check_llava_config(cfg, cfg_file)
     vision = CLIPVisionConfig.from_pretrained(vision_tower)
     text_config = LlamaConfig(**_text_fields(cfg))

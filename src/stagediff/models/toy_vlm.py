@@ -12,7 +12,6 @@ Steps, as LLaVA but with the vision pretraining done here because no toy CLIP ex
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 from stagediff.data.items import Item, vqa_items, vsr_items
 from stagediff.data.toy_scenes import GLYPHS
-from stagediff.io import atomic_dir
+from stagediff.io import atomic_dir, read_json
 from stagediff.models.train import item_mean_loss, train_loop
 from stagediff.models.vlm import chat_prompt, encode_batch, load_image
 from stagediff.seed import seed_everything
@@ -91,7 +90,7 @@ def patch_labels(coco_file: str | Path, image_size: int, patch: int) -> tuple[di
     A sign's class is its word, not just "sign": CLIP can read text, and a tower that never had
     to tell glyphs apart gives the LM nothing to answer OCR questions with.
     """
-    doc = json.loads(Path(coco_file).read_text())
+    doc = read_json(Path(coco_file))
     side = image_size // patch
     words = {w: len(doc["categories"]) + 1 + i for i, w in enumerate(GLYPHS)}
     labels = {im["id"]: torch.zeros(side * side, dtype=torch.long) for im in doc["images"]}
@@ -175,7 +174,7 @@ def caption_items(data: dict, user_text: str) -> list[Item]:
     patch the caption names, a dense grounding signal next to the ~1 bit of a yes/no answer.
     """
     subtype = data["vqav2"]["subtypes"]["train"]
-    doc = json.loads((Path(data["coco"]["root"]) / f"captions_{subtype}.json").read_text())
+    doc = read_json(Path(data["coco"]["root"]) / f"captions_{subtype}.json")
     return [Item(-a["image_id"], _train_image_path(data, a["image_id"]), user_text, a["caption"],
                  (a["caption"],), "caption", "other", "train") for a in doc["annotations"]]
 
@@ -186,7 +185,7 @@ def train_toy_vlm(base_lm: str | Path, data: dict, prompts: dict, out: str | Pat
     model, processor = build_vlm(base_lm, cfg, image_size)
     captions = []  # encoded only when a stage reads them
     if cfg["grounding_steps"] or cfg["captions"]:
-        neutral = json.loads(Path(data["neutral_prompts"]).read_text())[0]
+        neutral = read_json(Path(data["neutral_prompts"]))[0]
         captions = encode_training_items(processor, caption_items(data, prompts["neutral"].format(prompt=neutral)))
     tasks = encode_training_items(processor, vqa_items(data, "train", prompts, {})  # families unused
                                   + vsr_items(data, "train", prompts))

@@ -55,6 +55,9 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable[[int], dict], steps: i
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
+        if not math.isfinite(losses[-1]):  # stop before the caller writes a model that is NaN
+            raise FloatingPointError(f"{name}: non-finite loss at step {step + 1}/{steps} (batch_fn({step})); "
+                                     f"nothing written")
         if step % max(1, steps // 10) == 0 or step == steps - 1:
             log.info("%s step %d/%d loss %.4f (%.1fs)", name, step + 1, steps, loss.item(), time.time() - t0)
     model.eval()

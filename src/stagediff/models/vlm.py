@@ -25,9 +25,12 @@ def load_vlm(path: str | Path, device: torch.device | str = "cpu", dtype: str = 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no HF model at {path} (config.json missing)")
-    processor = AutoProcessor.from_pretrained(path)
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True)
+    except Exception as e:  # noqa: BLE001 - transformers' and safetensors' errors often name no file
+        raise RuntimeError(f"{path}: the VLM does not load ({type(e).__name__}: {' '.join(str(e).split())})") from e
     processor.pad_to_square = pad_to_square
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True)
     # frozen: no stage trains the VLM, and gradients (patching, integrated gradients) are taken
     # w.r.t. activations, so no weight-gradient inputs are kept (tens of GB for an 8B model)
     return model.requires_grad_(False).to(device).eval(), processor
@@ -40,7 +43,11 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    return Image.open(path).convert("RGB")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # missing, truncated, not an image
+        raise OSError(f"{path}: unreadable image ({' '.join(str(e).split())})") from None
 
 
 def expand_to_square(img: Image.Image, fill: tuple[int, ...]) -> Image.Image:

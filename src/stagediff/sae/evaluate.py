@@ -25,11 +25,12 @@ def evaluate_layer(store_path: str | Path, layer: int, base_sae: str | Path, k: 
     """``base_form``: the base rows' encoder, TopK-k (the paper) or the release's JumpReLU. One SAE
     on ``device`` at a time (a d_sae 32768 SAE is 1.1 GB in float32)."""
     store = ActivationStore(store_path)
-    loaders = {"base": lambda: load_llama_scope(base_sae, k=k, form=base_form, device=device),
-               **{r: (lambda d=d: load_sae(d, device)) for r, d in regime_dirs.items()}}
+    loaders = {"base": (base_sae, lambda: load_llama_scope(base_sae, k=k, form=base_form, device=device)),
+               **{r: (d, lambda d=d: load_sae(d, device)) for r, d in regime_dirs.items()}}
     rows = []
-    for regime, load in loaders.items():
+    for regime, (path, load) in loaders.items():
         sae = load()
+        store.check_width(sae.d_model, f"{regime} SAE {path}")
         per = {m: evaluate(sae, heldout_batches(store, (m,), None, device)) for m in ("text", "image")}
         per["all"] = per["text"].merge(per["image"])
         rows += [{"layer": layer, "regime": regime, "modality": m, **s.summary()} for m, s in per.items()]

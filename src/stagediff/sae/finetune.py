@@ -13,7 +13,12 @@ the four SAEs and the base one live in the same normalised space and can be diff
 
 Checkpoints (SAE, Adam state, dead-latent clocks, curve so far, step = data position) are
 written atomically every ``checkpoint_every`` steps outside the job's output; a rerun after a
-kill resumes from the last one and ends with the same weights as an uninterrupted run.
+kill resumes from the last one and ends with the same weights as an uninterrupted run. The one
+before it is kept too, so a checkpoint that fails to load costs ``checkpoint_every`` steps.
+
+A non-finite loss or weight stops the job, naming the step and its rows, before anything is
+written: no checkpoint and no output hold a NaN. The test runs on the device at every log and
+checkpoint step (no host round trip per step).
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ from safetensors.torch import save_file
 
 from stagediff.cache import ActivationStore, config_hash
 from stagediff.device import place_sae
-from stagediff.io import atomic_dir
+from stagediff.io import atomic_dir, read_json, read_safetensors
 from stagediff.sae.llama_scope import load_llama_scope
 from stagediff.sae.metrics import evaluate
 from stagediff.sae.saelens import save_saelens
@@ -45,6 +50,7 @@ log = logging.getLogger(__name__)
 REGIMES = {"full": ("text", "image"), "image": ("image",), "text": ("text",), "random": ("text", "image")}
 REGIME_SEEDS = {r: i for i, r in enumerate(REGIMES)}
 CHECKPOINT = "state.pt"
+PREVIOUS = "state.prev.pt"  # the checkpoint before the last one
 
 
 def layer_lr(cfg: dict, layer: int) -> float:
@@ -53,8 +59,9 @@ def layer_lr(cfg: dict, layer: int) -> float:
 
 
 def initial_sae(base_sae: str | Path, regime: str, k: int, gen: torch.Generator,
-                first: torch.Tensor | None, device: torch.device) -> TopKSAE:
+                first: torch.Tensor | None, device: torch.device, store: ActivationStore) -> TopKSAE:
     base = load_llama_scope(base_sae, k=k, device=device)
+    store.check_width(base.d_model, f"base SAE {base_sae}")
     if regime != "random":
         return base
     # drawn on the CPU generator (the same init on every device), then placed
@@ -98,18 +105,19 @@ def finetune_sae(store_path: str | Path, heldout_path: str | Path, base_sae: str
     # its own seed stream: a random init must not repeat the base SAE's (seeded by seed + layer)
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence(run_seed).generate_state(1)[0]))
     sae = initial_sae(base_sae, regime, cfg["top_k"], gen,
-                      next(stream.batches(0)) if regime == "random" else None, device)
+                      next(stream.batches(0)) if regime == "random" else None, device, store)
     lr = layer_lr(cfg, layer)
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=tuple(cfg["betas"]), fused=True)
     fingerprint = config_hash({"cfg": cfg, "seed": seed, "layer": layer, "regime": regime,
                                "base": str(base_sae), "store": store.attrs.get("config_hash")})
     ckpt = Path(checkpoint_dir) / CHECKPOINT
-    state = _load_checkpoint(ckpt, fingerprint)
+    state = _load_checkpoint(Path(checkpoint_dir), fingerprint)
     # on the training device: the step loop never waits for a host copy (the loss is read at log steps)
     last_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)  # tokens seen when each latent last fired
     fires = torch.zeros(sae.d_sae, dtype=torch.long, device=device)  # training tokens on which each latent fired
     curve: list[dict] = []
     start, sum_loss, n_loss = 0, torch.zeros((), dtype=torch.float64, device=device), 0
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
     if state is not None:
         sae.load_state_dict(state["sae"])
         opt.load_state_dict(state["opt"])
@@ -135,6 +143,9 @@ def finetune_sae(store_path: str | Path, heldout_path: str | Path, base_sae: str
         last_fired[active] = tokens
         fires += torch.bincount(active, minlength=sae.d_sae)
         sum_loss, n_loss = sum_loss + loss.detach(), n_loss + 1
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+        if (step + 1) % cfg["log_every"] == 0 or (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == steps:
+            _refuse_nonfinite(first_bad, sae, stream, f"{regime} SAE L{layer}", ckpt)
         if (step + 1) % cfg["log_every"] == 0 or step + 1 == steps:
             curve.append(_curve_row(sae, heldout, tokens, float(sum_loss) / n_loss, last_fired, step + 1, cfg))
             sum_loss, n_loss = torch.zeros_like(sum_loss), 0
@@ -169,21 +180,41 @@ def _curve_row(sae, heldout, tokens: int, loss: float, last_fired: torch.Tensor,
             "dead_fraction": dead}
 
 
+def _refuse_nonfinite(first_bad: torch.Tensor, sae: TopKSAE, stream: TokenStream, what: str, ckpt: Path) -> None:
+    """Stop with the step and its rows if a loss or a weight went NaN/Inf (one host sync)."""
+    weights_ok = torch.isfinite(torch.stack([p.detach().sum() for p in sae.parameters()])).all()
+    bad = int(first_bad)
+    if bad < 0 and bool(weights_ok):
+        return
+    where = f"non-finite loss at step {bad} ({stream.describe(bad)})" if bad >= 0 else "non-finite weights"
+    kept = f"{ckpt} holds the last finite state" if ckpt.is_file() else "no checkpoint was written"
+    raise FloatingPointError(f"{what}: {where}; nothing written ({kept}); lower sae_finetune.lr or check the cache")
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
+    if path.exists():
+        os.replace(path, path.with_name(PREVIOUS))
     os.replace(tmp, path)  # atomic: a kill leaves the previous checkpoint or the new one
 
 
-def _load_checkpoint(path: Path, fingerprint: str) -> dict | None:
-    if not path.is_file():
-        return None
-    state = torch.load(path, weights_only=True, map_location="cpu")
-    if state.get("fingerprint") != fingerprint:
-        log.warning("%s was written for other settings; starting from scratch", path)
-        return None
-    return state
+def _load_checkpoint(folder: Path, fingerprint: str) -> dict | None:
+    """The newest checkpoint that loads and was written for these settings; None: start afresh."""
+    for path in (folder / CHECKPOINT, folder / PREVIOUS):
+        if not path.is_file():
+            continue
+        try:
+            state = torch.load(path, weights_only=True, map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - any damage (truncated, bit rot) means: not usable
+            log.warning("%s does not load (%s): ignored", path, " ".join(str(e).split())[:200])
+            continue
+        if state.get("fingerprint") != fingerprint:
+            log.warning("%s was written for other settings: ignored", path)
+            continue
+        return state
+    return None
 
 
 def save_sae(sae: TopKSAE, folder: str | Path, meta: dict) -> None:
@@ -195,13 +226,11 @@ def save_sae(sae: TopKSAE, folder: str | Path, meta: dict) -> None:
 
 def load_sae(folder: str | Path, device: torch.device | str = "cpu") -> TopKSAE:
     """A fine-tuned SAE, float32 on ``device``."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     for name in ("cfg.json", "sae.safetensors"):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"SAE file missing: {folder / name}")
-    meta = json.loads((folder / "cfg.json").read_text())
+    meta = read_json(folder / "cfg.json")
     sae = TopKSAE(meta["d_model"], meta["d_sae"], meta["top_k"], meta["scale"], meta["rank_by_decoder_norm"])
-    sae.load_state_dict(load_file(folder / "sae.safetensors"))
+    sae.load_state_dict(read_safetensors(folder / "sae.safetensors"))
     return place_sae(sae, device)

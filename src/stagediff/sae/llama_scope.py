@@ -18,9 +18,10 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from stagediff.device import place_sae
+from stagediff.io import read_json, read_safetensors
 from stagediff.sae.jumprelu import JumpReLUSAE
 from stagediff.sae.topk import TopKSAE
 
@@ -70,7 +71,7 @@ def load_llama_scope(folder: str | Path, k: int | None = None, form: str = "topk
     for p in (hp_path, w_path):
         if not p.is_file():
             raise FileNotFoundError(f"Llama Scope SAE file missing: {p}")
-    hp = json.loads(hp_path.read_text())
+    hp = read_json(hp_path)
     act = hp.get("act_fn")
     if act == "jumprelu" and "jump_relu_threshold" not in hp:
         raise ValueError(f"{hp_path}: act_fn jumprelu without jump_relu_threshold")
@@ -88,7 +89,7 @@ def load_llama_scope(folder: str | Path, k: int | None = None, form: str = "topk
     if not math.isclose(norm["in"], norm["out"]):
         raise ValueError(f"{hp_path}: in/out norms differ; only residual (R) SAEs are supported")
     scale = math.sqrt(hp["d_model"]) / norm["in"] if hp["norm_activation"] == "dataset-wise" else 1.0
-    w = load_file(w_path)
+    w = read_safetensors(w_path)
     sae = (JumpReLUSAE(hp["d_model"], hp["d_sae"], hp["jump_relu_threshold"], scale) if form == "jumprelu" else
            TopKSAE(hp["d_model"], hp["d_sae"], k or hp["top_k"], scale,
                    rank_by_decoder_norm=hp.get("sparsity_include_decoder_norm", False)))

@@ -14,7 +14,9 @@ Memory and overlap: two buffers are allocated once, in the storage dtype (bf16: 
 on the training device when they fit there; a batch is widened to float32 when it is cut. While
 one buffer is being trained on, the next one's blocks are read into the other by ``read_ahead``
 threads (Zarr reads release the GIL), each straight into its place (through pinned host rows for
-a GPU buffer), so the trainer waits only when the disk is slower than it.
+a GPU buffer), so the trainer waits only when the disk is slower than it. Each filled buffer is
+checked finite before a batch is cut from it; a NaN or Inf stops the stream naming the store and
+the rows.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from stagediff.cache import ActivationStore
+from stagediff.cache import ActivationStore, first_nonfinite_row
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +81,9 @@ class TokenStream:
         self.blocks_per_buffer = max(1, math.ceil(buffer_tokens / block_rows))
         self.buffer_rows = min(self.n_tokens, self.blocks_per_buffer * block_rows)
         if min(buffer_tokens, self.n_tokens) < batch_size:
-            raise ValueError(f"batch_size {batch_size} exceeds the shuffle buffer "
-                             f"({min(buffer_tokens, self.n_tokens)} tokens)")
+            raise ValueError(f"sae_finetune.batch_size {batch_size} exceeds the shuffle buffer: "
+                             f"{min(buffer_tokens, self.n_tokens)} tokens (sae_finetune.buffer_tokens, or the "
+                             f"{'/'.join(modalities)} train tokens of {store.path})")
         self.seed = tuple(seed)
 
     def _rng(self, *key: int) -> np.random.Generator:
@@ -101,6 +104,14 @@ class TokenStream:
                     return epoch, b, step
                 step -= n
             epoch += 1
+
+    def describe(self, step: int) -> str:
+        """Where step ``step``'s batch comes from: its epoch, buffer, batch and the buffer's rows."""
+        epoch, b, i = self.position(step)
+        blocks = self._buffers(epoch)[b]
+        rows = ", ".join(f"{x.modality}[{x.start}:{x.stop}]" for x in blocks[:4])
+        more = f" and {len(blocks) - 4} more blocks" if len(blocks) > 4 else ""
+        return f"epoch {epoch}, buffer {b}, batch {i}; the buffer holds train rows {rows}{more} of {self.store.path}"
 
     def _schedule(self, epoch: int, b0: int) -> Iterator[tuple[int, int, list[Block]]]:
         while True:
@@ -123,26 +134,32 @@ class TokenStream:
         def read(block: Block, buf: torch.Tensor, at: int) -> None:
             rows = block.stop - block.start
             if buf.device.type == "cpu":
-                self.store.read_into(block.modality, block.start, buf[at : at + rows])
+                self.store.read_into(block.modality, block.start, buf[at : at + rows], check=False)
                 return
             if getattr(staging, "rows", None) is None or len(staging.rows) < rows:
                 staging.rows = torch.empty((rows, shape[1]), dtype=dtype, pin_memory=True)
-            self.store.read_into(block.modality, block.start, staging.rows[:rows])
+            self.store.read_into(block.modality, block.start, staging.rows[:rows], check=False)
             buf[at : at + rows].copy_(staging.rows[:rows])
 
         with ThreadPoolExecutor(self.read_ahead, thread_name_prefix="stream") as pool:
             def fill(buf: torch.Tensor):  # a buffer's blocks, all in flight at once, in schedule order
                 epoch, b, blocks = next(schedule)
                 offsets = np.cumsum([0] + [x.stop - x.start for x in blocks])
-                return epoch, b, int(offsets[-1]), [pool.submit(read, x, buf, int(o)) for x, o in zip(blocks, offsets)]
+                return epoch, b, blocks, offsets, [pool.submit(read, x, buf, int(o)) for x, o in zip(blocks, offsets)]
 
             pending = fill(bufs[0])
             for turn in itertools.count():
-                epoch, b, n, reads = pending
+                epoch, b, blocks, offsets, reads = pending
+                n = int(offsets[-1])
                 for r in reads:
                     r.result()
                 buf = bufs[turn % 2]
                 pending = fill(bufs[(turn + 1) % 2])  # overlaps this buffer's training
+                # finite? once per buffer, where it lives (on a GPU: on the GPU), not per read: on the
+                # CPU the reads' own checks cost the stream 16 % (bench_stream.py)
+                if first_nonfinite_row(buf[:n]) is not None:
+                    for x, o in zip(blocks, offsets):
+                        self.store.check_finite(buf[int(o) : int(o) + x.stop - x.start], x.modality, x.start)
                 perm = torch.from_numpy(self._rng(epoch, b).permutation(n)).to(buf.device)
                 for i in range(skip, n // self.batch_size):  # gather per batch: no 2nd buffer copy
                     yield buf[perm[i * self.batch_size : (i + 1) * self.batch_size]].to(self.device).float()

@@ -53,6 +53,9 @@ def train_base_sae(base_lm: str | Path, corpus: str | Path, layer: int, out: str
     for step in range(cfg["steps"]):
         xb = x[torch.randint(len(x), (cfg["batch_size"],), generator=gen)]
         loss = sae.normalised_mse(xb)  # in the normalised space, as Llama Scope trains
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"base SAE L{layer}: non-finite loss at step {step + 1}/{cfg['steps']} "
+                                     f"(residual rows drawn by torch.randint from seed {seed + layer}); nothing written")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -14,7 +14,6 @@ only if it is identified in the original image and not with the object masked by
 """
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -27,6 +26,7 @@ from PIL import Image
 
 from stagediff.data.items import Item
 from stagediff.evaluate_vlm import predict
+from stagediff.io import read_json
 from stagediff.models.vlm import (first_token, iter_batches, last_positions, load_image, next_token_probs, to_model,
                                   token_text, visual_embeddings)
 from stagediff.visual import tokens as vt
@@ -56,7 +56,7 @@ def load_questions(path: str | Path | None) -> dict[int, list[str]] | None:
         log.warning("VQA probe skipped: no question file (config key visual.questions = %s)", path)
         return None
     try:
-        doc = json.loads(Path(path).read_text())
+        doc = read_json(Path(path))
         return {int(k): list(v) for k, v in doc.items()}
     except (ValueError, AttributeError, TypeError) as e:
         raise ValueError(f"{path}: not a question file (image id -> list of questions): {e}") from None
@@ -68,7 +68,7 @@ def object_records(coco_file: str | Path, image_dir: str | Path, cfg: dict, seed
     pass Neo et al.'s filters; its VQA question is the image's first in ``questions``."""
     coco_file = Path(coco_file)
     try:
-        doc = json.loads(coco_file.read_text())
+        doc = read_json(coco_file)
         cats = {c["id"]: c["name"] for c in doc["categories"]}
         images = {im["id"]: im for im in doc["images"]}
         by_image: dict[int, list] = {}
