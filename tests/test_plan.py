@@ -89,11 +89,14 @@ def test_paper_plan_bounds_and_flop_floor_by_hand(tmp_path):
     p = plan(_paper_config(tmp_path))
     ft, cache = p["rules"]["sae_finetune"], p["rules"]["cache_activations_g0"]
     # SAE fine-tuning, by hand: the dense encoder x3 (forward, two backward products) = 3 x 2 x 30M
-    # tokens x 4096 x 32768 FLOPs at TF32 x 0.5, against reading 30M tokens x 4096 x 2 B at 1 GB/s
-    tokens_read = 128 * 30e6 * 4096 * 2
-    assert ft["floor_hours"] == pytest.approx(128 * 3 * 2 * 30e6 * 4096 * 32768 / (495e12 * 0.5) / 3600)
-    assert ft["bound"] == "read" and ft["read_gb"] == pytest.approx(tokens_read / 1e9)
-    assert ft["gpu_hours"] == pytest.approx(tokens_read / 1e9 / 3600)  # 1 GB/s
+    # tokens x 4096 x 32768 FLOPs at TF32 x 0.5 a job, against its reads at 1 GB/s: full, image and
+    # random read their 30M-token budget (x 4096 x 2 B); text reads its split once, 50k x 20 tokens,
+    # which fits the 1M-token buffer, so those 32 jobs are compute-bound
+    compute = 3 * 2 * 30e6 * 4096 * 32768 / (495e12 * 0.5)
+    budget, text = 30e6 * 4096 * 2, 50_000 * 20 * 4096 * 2
+    assert ft["floor_hours"] == pytest.approx(128 * compute / 3600)
+    assert ft["bound"] == "read" and ft["read_gb"] == pytest.approx(32 * (3 * budget + text) / 1e9)
+    assert ft["gpu_hours"] == pytest.approx(32 * (3 * budget / 1e9 + max(compute, text / 1e9)) / 3600)
     # the cache writes 55k samples x (576 + 20) tokens x 4096 x 2 B for each of 32 layers
     written = 55_000 * 596 * 4096 * 2 * 32
     assert cache["bound"] == "write" and cache["written_gb"] == pytest.approx(written / 1e9)

@@ -101,6 +101,31 @@ def test_a_marker_without_shard_sizes_is_refused(world):
         ActivationStore(store.path)
 
 
+def test_a_store_is_read_from_an_fsspec_url_and_verified_there(world):
+    """fsspec's in-memory filesystem stands in for s3:// (no network here): same rows, same batches,
+    the same held-out FVU table, and a shard missing there is named."""
+    import fsspec
+
+    from stagediff.sae.evaluate import evaluate_layer
+    from stagediff.sae.stream import TokenStream
+
+    tmp, store = world
+    fs = fsspec.filesystem("memory")
+    fs.put(str(store.path), "/bucket/L0.zarr", recursive=True)
+    url = "memory://bucket/L0.zarr"
+    remote = ActivationStore(url)
+    assert torch.equal(remote.acts("image"), store.acts("image")) and remote.summary == store.summary
+    a, b = (TokenStream(s, ("text", "image"), 16, 100, (0,), read_chunks=2).batches(3) for s in (store, remote))
+    assert all(torch.equal(next(a), next(b)) for _ in range(10))
+    pd.testing.assert_frame_equal(evaluate_layer(url, 0, tmp / "base", K, {}),
+                                  evaluate_layer(store.path, 0, tmp / "base", K, {}))
+    rel = _shard(store)
+    fs.rm(f"/bucket/L0.zarr/{rel}")
+    with pytest.raises(StoreDamaged, match=re.escape(f"{url}: shard {rel} is missing")):
+        ActivationStore(url)
+    fs.rm("/bucket", recursive=True)
+
+
 # --- training that refuses to write garbage ------------------------------------------------------
 
 def test_a_non_finite_loss_stops_training_before_anything_is_written(world):

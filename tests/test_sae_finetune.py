@@ -76,6 +76,27 @@ def test_stream_resumes_at_any_step(world):
         assert torch.equal(next(s.batches(start)), full[start])
 
 
+def test_a_split_that_fits_one_buffer_is_read_once_with_the_batches_of_a_reread(world, monkeypatch):
+    """The reference is the schedule itself: epoch e's buffer holds its blocks in that epoch's order,
+    and its batches are that buffer's rows in the epoch's permutation."""
+    _, store = world
+    s = TokenStream(store, ("text",), batch_size=16, buffer_tokens=1000, seed=(3,))  # 300 text rows, 1 buffer
+    reads = []
+    real = store.read_into
+    monkeypatch.setattr(store, "read_into", lambda *a, **kw: (reads.append(a[1]), real(*a, **kw)))
+    it = s.batches(0)
+    per_epoch = 300 // 16
+    got = [next(it) for _ in range(3 * per_epoch)]  # three epochs
+    assert len(reads) == len(s.blocks)  # read once, not once per epoch
+    for e in range(3):
+        (blocks,) = s._buffers(e)
+        buf = torch.cat([store.acts(b.modality, b.start, b.stop) for b in blocks])
+        perm = np.random.default_rng([3, e, 0]).permutation(len(buf))
+        for i in range(per_epoch):
+            assert torch.equal(got[e * per_epoch + i], buf[perm[i * 16 : (i + 1) * 16]])
+    assert torch.equal(next(s.batches(per_epoch + 5)), got[per_epoch + 5])  # resumes inside epoch 1
+
+
 def test_regimes_warm_start_and_random_init(world):
     tmp, store = world
     for regime in ("text", "random"):

@@ -33,7 +33,7 @@ import torch
 import zarr
 from zarr.core.buffer.cpu import NDBuffer
 from zarr.core.group import GroupMetadata
-from zarr.storage import LocalStore, MemoryStore
+from zarr.storage import FsspecStore, LocalStore, MemoryStore
 
 from stagediff.capture import capture_residuals
 from stagediff.data.items import SPLIT_CODES, Item
@@ -299,31 +299,51 @@ def _check_finite(x: torch.Tensor, sample_ids: np.ndarray, layer: int, dtype: st
 class ActivationStore:
     """Read one finished layer store, proven whole on open: the completion marker is there, every
     shard file it lists has its size, and the arrays have its row counts. Every read checks its
-    rows are finite. Each failure is a ``StoreDamaged`` naming the store and the file or rows."""
+    rows are finite. Each failure is a ``StoreDamaged`` naming the store and the file or rows.
+
+    ``path``: a local folder, or an fsspec URL (``s3://bucket/L12.zarr``, ``gs://``, ...) read
+    through zarr's ``FsspecStore``, e.g. a cache kept in object storage for the read-only stages."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not (self.path / MARKER).is_file():
+        self.path = str(path).rstrip("/") if "://" in str(path) else Path(path)
+        sizes = self._url_sizes() if isinstance(self.path, str) else None
+        size = sizes.get if sizes is not None else self._local_size
+        if size(MARKER) is None:
             raise StoreDamaged(f"{self.path}: activation cache is incomplete (no {MARKER} marker); rerun the cache")
         try:
-            self.summary = read_json(self.path / MARKER)
-            self.group = zarr.open_group(self.path, mode="r")
+            if sizes is None:
+                self.summary = read_json(self.path / MARKER)
+                self.group = zarr.open_group(self.path, mode="r")
+            else:
+                self.summary = json.loads(self._fs.cat_file(f"{self._root}/{MARKER}"))
+                self.group = zarr.open_group(FsspecStore.from_url(self.path, read_only=True), mode="r")
         except (ValueError, OSError) as e:
             raise StoreDamaged(f"{self.path}: unreadable ({e}); delete it and rerun the cache") from None
         self.attrs = dict(self.group.attrs)
         self._arrays: dict = {}
-        self._verify()
+        self._verify(size)
 
-    def _verify(self) -> None:
+    def _local_size(self, rel: str) -> int | None:
+        f = self.path / rel
+        return f.stat().st_size if f.is_file() else None
+
+    def _url_sizes(self) -> dict[str, int]:
+        """Every file's size under the URL, from one listing (not a request per shard)."""
+        import fsspec
+
+        self._fs, self._root = fsspec.core.url_to_fs(self.path)
+        self._root = self._root.rstrip("/")
+        return {p[len(self._root) + 1 :]: d["size"] for p, d in self._fs.find(self._root, detail=True).items()}
+
+    def _verify(self, size) -> None:
         damaged = f"; the store is damaged: delete {self.path} and rerun the cache"
         if "shards" not in self.summary:
             raise StoreDamaged(f"{self.path}: its {MARKER} marker lists no shard sizes (written by an older "
                                f"stagediff){damaged}")
-        for rel, size in self.summary["shards"].items():
-            f = self.path / rel
-            actual = f.stat().st_size if f.is_file() else None
-            if actual != size:
-                what = "missing" if actual is None else f"{actual} bytes, expected {size}"
+        for rel, expected in self.summary["shards"].items():
+            actual = size(rel)
+            if actual != expected:
+                what = "missing" if actual is None else f"{actual} bytes, expected {expected}"
                 raise StoreDamaged(f"{self.path}: shard {rel} is {what}{damaged}")
         for m in MODALITIES:
             try:

@@ -166,6 +166,10 @@ def plan(config_file: str | Path, gpu_mem_gb: float = 80.0) -> dict:
         e = res.estimate(rule, real, arch, d_sae, seq)
         r = requests[rule]
         hours, floor = n * e.seconds / 3600, n * e.compute_s / 3600
+        read = n * e.read
+        if rule == "sae_finetune":  # the request covers the worst regime; each regime reads its own bytes
+            per = [res.estimate(rule, real, arch, d_sae, seq, regime) for regime in cfg["sae_finetune"]["regimes"]]
+            hours, read = (n / len(per) * sum(x.seconds for x in per) / 3600, n / len(per) * sum(x.read for x in per))
         if rule == "study_layer":  # the requests assume the worst case per layer; in all, the features
             # are studied once: every layer's fixed part (its auto-interp pool) plus each feature once
             fixed = res.model_flops(rule, real, arch, seq, features=0)
@@ -174,7 +178,7 @@ def plan(config_file: str | Path, gpu_mem_gb: float = 80.0) -> dict:
         rules[rule] = {"jobs": n, "kind": res.rule_kind(rule), "host_gb": e.host / 1e9, "gpu_gb": e.gpu / 1e9,
                        "request_gb": r["mem_mb"] / 1000, "runtime_min": r["runtime"], "gpu": r["gpu"],
                        "bound": "API" if rule == "autointerp_describe" else e.bound,
-                       "read_gb": n * e.read / 1e9, "written_gb": n * e.written / 1e9,
+                       "read_gb": read / 1e9, "written_gb": n * e.written / 1e9,
                        "gpu_hours": hours if r["gpu"] else 0.0, "floor_hours": floor if r["gpu"] else 0.0,
                        "fits": e.host <= r["mem_mb"] * 1e6 and e.gpu <= gpu_mem_gb * 1e9
                        and e.seconds <= r["runtime"] * 60}

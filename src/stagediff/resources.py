@@ -105,8 +105,18 @@ def model_flops(rule: str, cfg: dict, arch, seq: int, features: int | None = Non
     return 0.0
 
 
-def estimate(rule: str, cfg: dict, arch, d_sae: int, seq: int) -> Estimate:
-    """The peak memory and time of one job of ``rule``."""
+def finetune_read_bytes(cfg: dict, arch, regime: str) -> float:
+    """What one ``sae_finetune`` job reads: its token budget, or its train split once where that
+    fits one shuffle buffer (``TokenStream`` then keeps it: the text regime at paper scale)."""
+    s, c = cfg["sae_finetune"], cfg["cache"]
+    spans = {"text": TEXT_TOKENS, "image": arch.image_tokens}.get(regime, arch.image_tokens + TEXT_TOKENS)
+    split = c["splits"].get("train", 0) * spans
+    return (split if split <= s["buffer_tokens"] else s["tokens"]) * arch.d_model * BYTES[c["dtype"]]
+
+
+def estimate(rule: str, cfg: dict, arch, d_sae: int, seq: int, regime: str | None = None) -> Estimate:
+    """The peak memory and time of one job of ``rule`` (of ``sae_finetune``: of that regime's job;
+    None: the regimes' worst case, what a request must cover)."""
     dtype = cfg["model"]["dtype"] if "model" in cfg else "float32"
     kind = rule_kind(rule)
     c = cfg["cache"]
@@ -127,8 +137,9 @@ def estimate(rule: str, cfg: dict, arch, d_sae: int, seq: int) -> Estimate:
             staging = s["read_ahead"] * s["read_chunks"] * c["chunk_rows"] * per_token
             batch = 2 * 4 * s["batch_size"] * d_sae
             train = 3 * 2 * s["tokens"] * arch.d_model * d_sae  # the dense encoder, x3 (the sparse rest is O(k))
+            read = max(finetune_read_bytes(cfg, arch, r) for r in ([regime] if regime else s["regimes"]))
             return Estimate(BASE_HOST + sae + staging, 4 * sae + 2 * buf + batch, train / (PEAK["tf32"] * 0.5),
-                            read=s["tokens"] * per_token)
+                            read=read)
         held = c["splits"].get("val", 0) * seq
         n_saes = {"diff_layer": 1 + len(s["regimes"])}.get(rule, 1)  # diff compares weights on the host
         passes = {"sae_evaluate": 1 + len(s["regimes"]), "diff_layer": 2}.get(rule, 1)

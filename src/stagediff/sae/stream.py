@@ -16,7 +16,9 @@ one buffer is being trained on, the next one's blocks are read into the other by
 threads (Zarr reads release the GIL), each straight into its place (through pinned host rows for
 a GPU buffer), so the trainer waits only when the disk is slower than it. Each filled buffer is
 checked finite before a batch is cut from it; a NaN or Inf stops the stream naming the store and
-the rows.
+the rows. A split that fits in one buffer (the text regime at paper scale: ~1M tokens, 30 epochs)
+is read once and kept: each epoch's batches are gathered from that copy, the same rows as if the
+buffer were read again.
 """
 from __future__ import annotations
 
@@ -123,12 +125,14 @@ class TokenStream:
     def batches(self, start_step: int = 0) -> Iterator[torch.Tensor]:
         """Endless batches [batch_size, d_model] (float32, on the stream's device), from ``start_step`` on."""
         epoch, b0, skip = self.position(start_step)
-        schedule = self._schedule(epoch, b0)
         probe = self.store.stored(self.blocks[0].modality, self.blocks[0].start, self.blocks[0].start + 1)
         shape, dtype = (self.buffer_rows, probe.shape[1]), probe.dtype
-        where = buffer_device(2 * self.buffer_rows * probe.shape[1] * probe.element_size(), self.device)
-        # two buffers: the next one fills while batches are cut from the other
-        bufs = [torch.empty(shape, dtype=dtype, device=where) for _ in range(2)]
+        # the whole split in one buffer (e.g. the text regime: ~1M tokens at paper scale): read once
+        # and reused every epoch; else two, the next one filling while batches are cut from the other
+        resident = self.blocks_per_buffer >= len(self.blocks)
+        n_bufs = 1 if resident else 2
+        where = buffer_device(n_bufs * self.buffer_rows * probe.shape[1] * probe.element_size(), self.device)
+        bufs = [torch.empty(shape, dtype=dtype, device=where) for _ in range(n_bufs)]
         staging = threading.local()  # per reader thread: pinned host rows for a device buffer
 
         def read(block: Block, buf: torch.Tensor, at: int) -> None:
@@ -141,26 +145,45 @@ class TokenStream:
             self.store.read_into(block.modality, block.start, staging.rows[:rows], check=False)
             buf[at : at + rows].copy_(staging.rows[:rows])
 
-        with ThreadPoolExecutor(self.read_ahead, thread_name_prefix="stream") as pool:
-            def fill(buf: torch.Tensor):  # a buffer's blocks, all in flight at once, in schedule order
-                epoch, b, blocks = next(schedule)
-                offsets = np.cumsum([0] + [x.stop - x.start for x in blocks])
-                return epoch, b, blocks, offsets, [pool.submit(read, x, buf, int(o)) for x, o in zip(blocks, offsets)]
+        def cut(buf: torch.Tensor, rows: np.ndarray, skip: int) -> Iterator[torch.Tensor]:
+            rows = torch.from_numpy(rows).to(buf.device)
+            for i in range(skip, len(rows) // self.batch_size):  # gather per batch: no 2nd buffer copy
+                yield buf[rows[i * self.batch_size : (i + 1) * self.batch_size]].to(self.device).float()
 
-            pending = fill(bufs[0])
+        with ThreadPoolExecutor(self.read_ahead, thread_name_prefix="stream") as pool:
+            def fill(buf: torch.Tensor, blocks: list[Block]):  # all of a buffer's blocks in flight at once
+                offsets = np.cumsum([0] + [x.stop - x.start for x in blocks])
+                return offsets, [pool.submit(read, x, buf, int(o)) for x, o in zip(blocks, offsets)]
+
+            def check(buf: torch.Tensor, blocks: list[Block], offsets) -> None:
+                # finite? once per buffer, where it lives (on a GPU: on the GPU), not per read: on the
+                # CPU the reads' own checks cost the stream 16 % (bench_stream.py)
+                if first_nonfinite_row(buf[: int(offsets[-1])]) is not None:
+                    for x, o in zip(blocks, offsets):
+                        self.store.check_finite(buf[int(o) : int(o) + x.stop - x.start], x.modality, x.start)
+
+            if resident:  # each epoch's batches: the rows its buffer would hold, gathered from the one copy
+                offsets, reads = fill(bufs[0], self.blocks)
+                for r in reads:
+                    r.result()
+                check(bufs[0], self.blocks, offsets)
+                at = {x: int(o) for x, o in zip(self.blocks, offsets)}
+                for epoch in itertools.count(epoch):
+                    (blocks,) = self._buffers(epoch)
+                    rows = np.concatenate([np.arange(at[x], at[x] + x.stop - x.start) for x in blocks])
+                    yield from cut(bufs[0], rows[self._rng(epoch, 0).permutation(len(rows))], skip)
+                    skip = 0
+
+            schedule = self._schedule(epoch, b0)
+            nxt = next(schedule)
+            pending = (*nxt, *fill(bufs[0], nxt[2]))
             for turn in itertools.count():
                 epoch, b, blocks, offsets, reads = pending
-                n = int(offsets[-1])
                 for r in reads:
                     r.result()
                 buf = bufs[turn % 2]
-                pending = fill(bufs[(turn + 1) % 2])  # overlaps this buffer's training
-                # finite? once per buffer, where it lives (on a GPU: on the GPU), not per read: on the
-                # CPU the reads' own checks cost the stream 16 % (bench_stream.py)
-                if first_nonfinite_row(buf[:n]) is not None:
-                    for x, o in zip(blocks, offsets):
-                        self.store.check_finite(buf[int(o) : int(o) + x.stop - x.start], x.modality, x.start)
-                perm = torch.from_numpy(self._rng(epoch, b).permutation(n)).to(buf.device)
-                for i in range(skip, n // self.batch_size):  # gather per batch: no 2nd buffer copy
-                    yield buf[perm[i * self.batch_size : (i + 1) * self.batch_size]].to(self.device).float()
+                nxt = next(schedule)
+                pending = (*nxt, *fill(bufs[(turn + 1) % 2], nxt[2]))  # overlaps this buffer's training
+                check(buf, blocks, offsets)
+                yield from cut(buf, self._rng(epoch, b).permutation(int(offsets[-1])), skip)
                 skip = 0
