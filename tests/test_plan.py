@@ -102,3 +102,19 @@ def test_paper_plan_bounds_and_flop_floor_by_hand(tmp_path):
     assert cache["bound"] == "write" and cache["written_gb"] == pytest.approx(written / 1e9)
     assert cache["gpu_hours"] == pytest.approx(written / 1e9 / 3600) and cache["gpu_hours"] > cache["floor_hours"]
     assert p["rules"]["autointerp_describe"]["bound"] == "API" and p["rules"]["study_layer"]["bound"] == "compute"
+
+
+def test_a_faster_disk_shortens_only_the_disk_bound_hours(tmp_path):
+    cfg = _paper_config(tmp_path)
+    slow, fast = plan(cfg), plan(cfg, disk_gbps=2.0)
+    for rule, r in slow["rules"].items():
+        f = fast["rules"][rule]
+        assert f["floor_hours"] == r["floor_hours"] and f["runtime_min"] == r["runtime_min"]  # requests unchanged
+        if r["bound"] == "compute":
+            assert f["gpu_hours"] == r["gpu_hours"], rule
+    cache = "cache_activations_g0"
+    assert fast["rules"][cache]["gpu_hours"] == pytest.approx(slow["rules"][cache]["gpu_hours"] / 2)
+    compute = 3 * 2 * 30e6 * 4096 * 32768 / (495e12 * 0.5)  # by hand, as above, at 2 GB/s
+    budget, text = 30e6 * 4096 * 2, 50_000 * 20 * 4096 * 2
+    assert fast["rules"]["sae_finetune"]["gpu_hours"] == pytest.approx(
+        32 * (3 * max(compute, budget / 2e9) + max(compute, text / 2e9)) / 3600)

@@ -97,7 +97,7 @@ def cmd_toy_vlm(a) -> None:
 def cmd_plan(a) -> None:
     from stagediff.plan import plan, render
 
-    print(render(plan(a.config, a.gpu_mem)))
+    print(render(plan(a.config, a.gpu_mem, a.disk_gbps)))
 
 
 def cmd_convert_llava(a) -> None:
@@ -461,7 +461,9 @@ COMMANDS = {
     "toy-vlm": (cmd_toy_vlm, "visual-instruction-tune the toy LLaVA from the base LM",
                 ["--params", "--base-lm", "--out"]),
     "plan": (cmd_plan, "per rule: jobs, memory vs request, GPU-hours; model loads, cache passes, disk",
-             [("config", {}), ("--gpu-mem", {"type": float, "default": 80.0, "help": "GPU memory in GB"})]),
+             [("config", {}), ("--gpu-mem", {"type": float, "default": 80.0, "help": "GPU memory in GB"}),
+              ("--disk-gbps", {"type": float, "default": 1.0,
+                               "help": "the nodes' scratch disk in GB/s (benchmarks/bench_stream.py measures it)"})]),
     "convert-llava": (cmd_convert_llava, "original LLaVA(-MORE) checkpoint -> HF LlavaForConditionalGeneration",
                       ["--checkpoint", "--vision-tower", "--out",
                        ("--dtype", {"choices": ["float32", "float16", "bfloat16"], "default": "bfloat16"})]),

@@ -143,8 +143,11 @@ def sae_width(raw: dict, arch: Arch) -> int:
     return read_json(hp)["d_sae"] if hp.is_file() else 8 * arch.d_model
 
 
-def plan(config_file: str | Path, gpu_mem_gb: float = 80.0) -> dict:
-    """Jobs, memory and time per rule, model loads, cache passes, disk and GPU-hours of a config."""
+def plan(config_file: str | Path, gpu_mem_gb: float = 80.0, disk_gbps: float = res.DISK_BYTES_PER_S / 1e9) -> dict:
+    """Jobs, memory and time per rule, model loads, cache passes, disk and GPU-hours of a config.
+    ``disk_gbps``: the nodes' scratch disk, GB/s (measured by benchmarks/bench_stream.py); the
+    requests keep assuming the default, so a slower disk cannot make a job outlive its request."""
+    disk_rate = disk_gbps * 1e9
     raw = yaml.safe_load(Path(config_file).read_text())
     cfg, jobs = job_counts(raw, str(config_file))
     real = cfg  # the validated config (defaults filled), with the user's own model and SAE files
@@ -165,11 +168,12 @@ def plan(config_file: str | Path, gpu_mem_gb: float = 80.0) -> dict:
     for rule, n in jobs.items():
         e = res.estimate(rule, real, arch, d_sae, seq)
         r = requests[rule]
-        hours, floor = n * e.seconds / 3600, n * e.compute_s / 3600
+        hours, floor = n * e.seconds_at(disk_rate) / 3600, n * e.compute_s / 3600
         read = n * e.read
         if rule == "sae_finetune":  # the request covers the worst regime; each regime reads its own bytes
             per = [res.estimate(rule, real, arch, d_sae, seq, regime) for regime in cfg["sae_finetune"]["regimes"]]
-            hours, read = (n / len(per) * sum(x.seconds for x in per) / 3600, n / len(per) * sum(x.read for x in per))
+            hours = n / len(per) * sum(x.seconds_at(disk_rate) for x in per) / 3600
+            read = n / len(per) * sum(x.read for x in per)
         if rule == "study_layer":  # the requests assume the worst case per layer; in all, the features
             # are studied once: every layer's fixed part (its auto-interp pool) plus each feature once
             fixed = res.model_flops(rule, real, arch, seq, features=0)
@@ -177,13 +181,14 @@ def plan(config_file: str | Path, gpu_mem_gb: float = 80.0) -> dict:
             hours = floor = (n * fixed + res.downstream_features(real) * per) / (res.PEAK["bf16"] * 0.4) / 3600
         rules[rule] = {"jobs": n, "kind": res.rule_kind(rule), "host_gb": e.host / 1e9, "gpu_gb": e.gpu / 1e9,
                        "request_gb": r["mem_mb"] / 1000, "runtime_min": r["runtime"], "gpu": r["gpu"],
-                       "bound": "API" if rule == "autointerp_describe" else e.bound,
+                       "bound": "API" if rule == "autointerp_describe" else e.bound(disk_rate),
                        "read_gb": read / 1e9, "written_gb": n * e.written / 1e9,
                        "gpu_hours": hours if r["gpu"] else 0.0, "floor_hours": floor if r["gpu"] else 0.0,
                        "fits": e.host <= r["mem_mb"] * 1e6 and e.gpu <= gpu_mem_gb * 1e9
                        and e.seconds <= r["runtime"] * 60}
     groups = c["layer_groups"] or [cfg["layers"]]
     return {"jobs": jobs, "rules": rules, "disk": disk, "arch": arch, "d_sae": d_sae, "gpu_mem_gb": gpu_mem_gb,
+            "disk_gbps": disk_gbps,
             "model_loads": sum(n for rule, n in jobs.items() if rule == "convert_llava" or res.rule_kind(rule) == "model"),
             "cache_passes": sum(max(g) + 1 for g in groups) / arch.n_layers,
             "disk_total_gb": layer_gb * len(cfg["layers"]), "disk_peak_gb": layer_gb * len(cfg["layers"]),
@@ -219,6 +224,7 @@ def render(p: dict) -> str:
                f"budget {budget:g} GB: {'within' if p['disk_peak_gb'] <= budget else 'EXCEEDED'}")
     lines.append(f"disk: {p['disk_total_gb']:.0f} GB written, peak {p['disk_peak_gb']:.0f} GB ({verdict}; every "
                  f"cache job may finish before the first SAE starts), {p['disk_kept_gb']:.0f} GB kept at the end")
-    lines.append("(GPU-hours at the request's assumed rates: bf16 989 TFLOP/s x 0.4 for the VLM, TF32 495 x 0.5 "
-                 "for SAE math, 1 GB/s disk reads and writes; selection-dependent stages at their worst case)")
+    lines.append(f"(GPU-hours at the assumed rates: bf16 989 TFLOP/s x 0.4 for the VLM, TF32 495 x 0.5 for SAE "
+                 f"math, {p['disk_gbps']:g} GB/s disk reads and writes (--disk-gbps); selection-dependent stages "
+                 f"at their worst case)")
     return "\n".join(lines)

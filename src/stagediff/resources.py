@@ -41,15 +41,18 @@ class Estimate:
 
     @property
     def seconds(self) -> float:
-        """Wall time on one GPU (or CPU) at the assumed rates: the slowest of compute, reads, writes."""
-        return max(self.compute_s, self.read / DISK_BYTES_PER_S, self.written / DISK_BYTES_PER_S)
+        """Wall time on one GPU (or CPU) at the assumed rates (what the request's runtime covers)."""
+        return self.seconds_at(DISK_BYTES_PER_S)
 
-    @property
-    def bound(self) -> str:
-        if not self.seconds:
+    def seconds_at(self, disk_bytes_per_s: float) -> float:
+        """The slowest of compute, reads and writes, with the disk at ``disk_bytes_per_s``."""
+        return max(self.compute_s, self.read / disk_bytes_per_s, self.written / disk_bytes_per_s)
+
+    def bound(self, disk_bytes_per_s: float = DISK_BYTES_PER_S) -> str:
+        if not self.seconds_at(disk_bytes_per_s):
             return "-"
-        return max((self.compute_s, "compute"), (self.read / DISK_BYTES_PER_S, "read"),
-                   (self.written / DISK_BYTES_PER_S, "write"))[1]
+        return max((self.compute_s, "compute"), (self.read / disk_bytes_per_s, "read"),
+                   (self.written / disk_bytes_per_s, "write"))[1]
 
 
 def model_bytes(arch, dtype: str) -> float:
