@@ -254,6 +254,19 @@ def test_a_base_sae_of_another_width_is_named(world):
         finetune_sae(store.path, store.path, tmp / "wide", "text", 0, tmp / "out", tmp / "ck", CFG, seed=0)
 
 
+def test_a_base_sae_release_of_another_width_is_refused_before_anything_runs(tmp_path):
+    """At parse time (common.smk), from the release's hyperparams.json and the model's hidden size."""
+    for layer, width in ((0, 4096), (1, 2048)):
+        (tmp_path / f"L{layer}").mkdir()
+        (tmp_path / f"L{layer}" / "hyperparams.json").write_text(json.dumps({"d_model": width}))
+    cfg = {"layers": [0, 1, 2], "base_sae": {"path": str(tmp_path / "L{layer}")}}  # L2: not fetched yet
+    with pytest.raises(sdc.ConfigError, match=re.escape(f"base_sae.path: {tmp_path / 'L1' / 'hyperparams.json'} "
+                                                        f"has d_model 2048, but the model (model.vlm) has hidden "
+                                                        f"size 4096")):
+        sdc.check_base_sae_width(cfg, 4096)
+    sdc.check_base_sae_width({**cfg, "layers": [0, 2]}, 4096)
+
+
 def test_config_cross_key_checks_name_the_keys():
     cfg = tiny_config()
     cfg["sae_finetune"] = {**cfg.get("sae_finetune", {}), "batch_size": 512, "buffer_tokens": 256}
