@@ -388,15 +388,13 @@ class ActivationStore:
         """Rows in the storage dtype on the CPU (the stream's read: widened only per batch)."""
         return self.check_finite(stored_tensor(self.array(modality)[start:stop], self.attrs["dtype"]), modality, start)
 
-    def read_into(self, modality: str, start: int, out: torch.Tensor, check: bool = True) -> None:
+    def read_into(self, modality: str, start: int, out: torch.Tensor) -> None:
         """Rows ``start : start + len(out)`` written straight into ``out`` (a CPU tensor in the
         storage dtype): no fresh array per read, which halves zarr's read time here (BENCHMARKS.md).
-        ``check=False``: the caller checks the rows are finite (``check_finite``)."""
+        Unchecked: the caller tests the rows with ``check_finite``, as the stream does once per buffer."""
         raw = out.view(torch.int16) if out.dtype == torch.bfloat16 else out
         self.array(modality).get_basic_selection(slice(start, start + len(out)),
                                                  out=NDBuffer.from_numpy_array(raw.numpy()))
-        if check:
-            self.check_finite(out, modality, start)
 
     def meta(self, modality: str, name: str) -> np.ndarray:
         return self.array(modality, name)[:]

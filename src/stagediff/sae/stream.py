@@ -138,11 +138,11 @@ class TokenStream:
         def read(block: Block, buf: torch.Tensor, at: int) -> None:
             rows = block.stop - block.start
             if buf.device.type == "cpu":
-                self.store.read_into(block.modality, block.start, buf[at : at + rows], check=False)
+                self.store.read_into(block.modality, block.start, buf[at : at + rows])
                 return
             if getattr(staging, "rows", None) is None or len(staging.rows) < rows:
                 staging.rows = torch.empty((rows, shape[1]), dtype=dtype, pin_memory=True)
-            self.store.read_into(block.modality, block.start, staging.rows[:rows], check=False)
+            self.store.read_into(block.modality, block.start, staging.rows[:rows])
             buf[at : at + rows].copy_(staging.rows[:rows])
 
         def cut(buf: torch.Tensor, rows: np.ndarray, skip: int) -> Iterator[torch.Tensor]:
@@ -174,16 +174,19 @@ class TokenStream:
                     yield from cut(bufs[0], rows[self._rng(epoch, 0).permutation(len(rows))], skip)
                     skip = 0
 
-            schedule = self._schedule(epoch, b0)
-            nxt = next(schedule)
-            pending = (*nxt, *fill(bufs[0], nxt[2]))
+            schedule = self._schedule(epoch, b0)  # (not resident: the loop above is endless)
+
+            def fill_next(buf: torch.Tensor):  # the next scheduled buffer's reads, into ``buf``
+                epoch, b, blocks = next(schedule)
+                return epoch, b, blocks, *fill(buf, blocks)
+
+            pending = fill_next(bufs[0])
             for turn in itertools.count():
                 epoch, b, blocks, offsets, reads = pending
                 for r in reads:
                     r.result()
                 buf = bufs[turn % 2]
-                nxt = next(schedule)
-                pending = (*nxt, *fill(bufs[(turn + 1) % 2], nxt[2]))  # overlaps this buffer's training
+                pending = fill_next(bufs[(turn + 1) % 2])  # overlaps this buffer's training
                 check(buf, blocks, offsets)
                 yield from cut(buf, self._rng(epoch, b).permutation(int(offsets[-1])), skip)
                 skip = 0
