@@ -20,10 +20,13 @@ log = logging.getLogger("stagediff")
 
 
 def _read_tables(paths: list[str]):
-    """Per-layer Parquet tables stacked into one frame."""
+    """Per-layer Parquet tables stacked into one frame. A layer with nothing to study writes its
+    table empty, with the columns but no dtypes; stacked with the others it would turn every
+    column to object (pandas), so empty tables only stand in when all are empty."""
     import pandas as pd
 
-    return pd.concat([pd.read_parquet(t) for t in paths], ignore_index=True)
+    frames = [pd.read_parquet(t) for t in paths]
+    return pd.concat([f for f in frames if len(f)] or frames[:1], ignore_index=True)
 
 
 def _params(text: str) -> dict:
