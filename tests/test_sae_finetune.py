@@ -14,7 +14,7 @@ import torch
 
 from stagediff.cache import ActivationStore, LayerStoreWriter, to_storage
 from stagediff.data.items import SPLIT_CODES
-from stagediff.sae.finetune import finetune_sae, load_sae
+from stagediff.sae.finetune import finetune_saes, load_sae
 from stagediff.sae.llama_scope import load_llama_scope, save_llama_scope
 from stagediff.sae.stream import TokenStream
 from stagediff.sae.topk import TopKSAE
@@ -100,7 +100,7 @@ def test_a_split_that_fits_one_buffer_is_read_once_with_the_batches_of_a_reread(
 def test_regimes_warm_start_and_random_init(world):
     tmp, store = world
     for regime in ("text", "random"):
-        finetune_sae(store.path, store.path, tmp / "base", regime, 0, tmp / regime, tmp / f"ck_{regime}", CFG, seed=0)
+        finetune_saes(store.path, store.path, tmp / "base", [regime], 0, [tmp / regime], tmp / f"ck_{regime}", CFG, seed=0)
         meta = json.loads((tmp / regime / "cfg.json").read_text())
         curve = pd.read_parquet(tmp / regime / "curve.parquet")
         assert list(curve.columns) == ["step", "tokens_seen", "loss", "fvu", "l0", "dead_fraction"]
@@ -120,7 +120,7 @@ def test_regimes_warm_start_and_random_init(world):
 def test_layer_scaled_learning_rate(world):
     tmp, store = world
     cfg = {**CFG, "tokens": 64 * 2, "lr_layer_scale": {"0": 0.25}}
-    finetune_sae(store.path, store.path, tmp / "base", "full", 0, tmp / "out", tmp / "ck", cfg, seed=0)
+    finetune_saes(store.path, store.path, tmp / "base", ["full"], 0, [tmp / "out"], tmp / "ck", cfg, seed=0)
     assert json.loads((tmp / "out" / "cfg.json").read_text())["lr"] == pytest.approx(2.5e-4)
 
 
@@ -137,10 +137,43 @@ def test_stream_reads_ahead_without_changing_a_batch(tmp_path):
     assert max(rows) == 64  # two 32-row chunks per read
 
 
+SHARED = ["full", "image", "random"]
+
+
 def _cli(tmp, out, ckpt, cfg):
+    """The three regimes of one read (sae_finetune.shared_read), as the workflow's shared job runs them."""
     return [sys.executable, "-m", "stagediff.cli", "sae-finetune", "--params",
-            json.dumps({"sae_finetune": cfg, "seed": 0}), "--cache", str(tmp / "L0.zarr"), "--base-sae",
-            str(tmp / "base"), "--layer", "0", "--regime", "full", "--checkpoint-dir", str(ckpt), "--out", str(out)]
+            json.dumps({"sae_finetune": {**cfg, "regimes": SHARED}, "seed": 0}), "--cache", str(tmp / "L0.zarr"),
+            "--base-sae", str(tmp / "base"), "--layer", "0", "--checkpoint-dir", str(ckpt),
+            "--out", *(str(out / r) for r in SHARED)]
+
+
+def test_labelled_batches_say_which_rows_are_which_modality(world):
+    _, store = world
+    s = TokenStream(store, ("text", "image"), batch_size=16, buffer_tokens=100, seed=(0,))
+    plain, labelled = s.batches(3), s.batches(3, labelled=True)
+    for _ in range(30):
+        x, rows = next(labelled)
+        assert torch.equal(x, next(plain))  # the same batches, labels added
+        assert sorted(torch.cat(list(rows.values())).tolist()) == list(range(16))
+        assert (x[rows["text"], 0] < 10_000).all() and (x[rows["image"], 0] >= 10_000).all()
+
+
+def test_one_read_trains_three_regimes_each_on_its_rows(world):
+    tmp, store = world
+    cfg = {**CFG, "tokens": 64 * 12}
+    finetune_saes(store.path, store.path, tmp / "base", SHARED, 0, [tmp / r for r in SHARED], tmp / "ck", cfg, 0)
+    finetune_saes(store.path, store.path, tmp / "base", ["full"], 0, [tmp / "alone"], tmp / "ck1", cfg, 0)
+    # sharing the read changes nothing for the regime it is seeded by: the same batches, the same SAE
+    for name, w in load_sae(tmp / "alone").state_dict().items():
+        assert torch.equal(load_sae(tmp / "full").state_dict()[name], w), name
+    meta = {r: json.loads((tmp / r / "cfg.json").read_text()) for r in SHARED}
+    assert meta["full"]["tokens"] == meta["random"]["tokens"] == cfg["tokens"]
+    # the image SAE saw the image rows of those batches only (~500 of every 800 train rows here)
+    assert 0.4 * cfg["tokens"] < meta["image"]["tokens"] < 0.85 * cfg["tokens"]
+    fires = pd.read_parquet(tmp / "image" / "features.parquet").training_fires.sum()
+    assert fires == meta["image"]["tokens"] * K  # L0 = k on every token it trained on
+    assert not load_sae(tmp / "random").W_dec.equal(load_sae(tmp / "full").W_dec)
 
 
 def test_sigkill_then_rerun_ends_with_the_same_weights(world):
@@ -157,24 +190,26 @@ def test_sigkill_then_rerun_ends_with_the_same_weights(world):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = torch.load(ckpt, weights_only=True)["step"]
-    assert 0 < killed_at < 200 and not (tmp / "resumed").exists()
+    assert 0 < killed_at < 200 and not any((tmp / "resumed" / r).exists() for r in SHARED)
 
     r = subprocess.run(_cli(tmp, tmp / "resumed", tmp / "ck2", cfg), check=True, capture_output=True, text=True)
-    assert f"resuming full L0 at step {killed_at}" in r.stderr
-    a, b = load_sae(tmp / "straight"), load_sae(tmp / "resumed")
-    for name, p in a.state_dict().items():
-        assert torch.equal(p, b.state_dict()[name]), name
-    pd.testing.assert_frame_equal(pd.read_parquet(tmp / "straight" / "curve.parquet"),
-                                  pd.read_parquet(tmp / "resumed" / "curve.parquet"))
+    assert f"resuming full+image+random L0 at step {killed_at}" in r.stderr
+    for regime in SHARED:
+        a, b = load_sae(tmp / "straight" / regime), load_sae(tmp / "resumed" / regime)
+        for name, p in a.state_dict().items():
+            assert torch.equal(p, b.state_dict()[name]), (regime, name)
+        for table in ("curve", "features"):
+            pd.testing.assert_frame_equal(pd.read_parquet(tmp / "straight" / regime / f"{table}.parquet"),
+                                          pd.read_parquet(tmp / "resumed" / regime / f"{table}.parquet"))
 
 
 def test_checkpoint_of_other_settings_is_not_resumed(world, caplog):
     tmp, store = world
     cfg = {**CFG, "tokens": 64 * 12}
-    finetune_sae(store.path, store.path, tmp / "base", "full", 0, tmp / "a", tmp / "ck", {**cfg, "checkpoint_every": 5}, 0)
+    finetune_saes(store.path, store.path, tmp / "base", ["full"], 0, [tmp / "a"], tmp / "ck", {**cfg, "checkpoint_every": 5}, 0)
     (tmp / "ck").mkdir()
     torch.save({"fingerprint": "other", "step": 5}, tmp / "ck" / "state.pt")
-    finetune_sae(store.path, store.path, tmp / "base", "full", 0, tmp / "b", tmp / "ck", {**cfg, "checkpoint_every": 5}, 0)
+    finetune_saes(store.path, store.path, tmp / "base", ["full"], 0, [tmp / "b"], tmp / "ck", {**cfg, "checkpoint_every": 5}, 0)
     assert "other settings" in caplog.text
     assert torch.equal(load_sae(tmp / "a").W_dec, load_sae(tmp / "b").W_dec)
 
@@ -183,7 +218,7 @@ def test_saelens_export_gives_the_same_encodings(world):
     import sae_lens  # a test extra (envs/requirements-test.txt)
 
     tmp, store = world
-    finetune_sae(store.path, store.path, tmp / "base", "image", 0, tmp / "img", tmp / "ck", {**CFG, "tokens": 64 * 5}, 0)
+    finetune_saes(store.path, store.path, tmp / "base", ["image"], 0, [tmp / "img"], tmp / "ck", {**CFG, "tokens": 64 * 5}, 0)
     ours = load_sae(tmp / "img")
     theirs = sae_lens.SAE.load_from_disk(tmp / "img" / "saelens")
     x = store.acts("image", 0, 200)

@@ -21,8 +21,8 @@ from tests.conftest import REPO, run_smk
 OVERLAY = {"device": "auto", "sae_finetune": {"regimes": ["full", "text"]}}
 TABLES = ["vlm_accuracy", "sae_fvu", "adapted_features", "shift", "selected_features"]
 # the jobs that run the VLM or an SAE ask for a GPU; aggregation and figures do not
-GPU_RULES = {"vlm_accuracy", "cache_activations_g0", "sae_finetune", "sae_evaluate", "diff_layer", "shift_layer",
-             "neutral"}
+GPU_RULES = {"vlm_accuracy", "cache_activations_g0", "sae_finetune", "sae_finetune_shared", "sae_evaluate",
+             "diff_layer", "shift_layer", "neutral"}
 
 
 def _node_up() -> bool:

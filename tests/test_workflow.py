@@ -133,6 +133,11 @@ def test_end_to_end_then_only_the_changed_layer_is_stale(workdir, monkeypatch):
     top_k = stale_after(lambda c: c["sae_finetune"].update(top_k=2))
     assert saes <= top_k and not top_k & (caches | untouched)
     assert "results/tiny/sae_eval/L0.parquet" in top_k and "results/tiny/diff/L0.parquet" in top_k
+    # the image SAEs leave the shared read: each layer's shared job reruns (its regimes changed), the
+    # text SAEs (trained alone) and the caches do not
+    moved = stale_after(lambda c: c["sae_finetune"].update(shared_read=["full", "random"]))
+    text = {s for s in saes if s.endswith("/text")}
+    assert saes - text <= moved and not moved & (text | caches | untouched)
 
     # one layer's learning-rate factor: only that layer's SAEs (and what reads them) rerun
     cfg["sae_finetune"]["lr_layer_scale"] = {"1": 0.5}

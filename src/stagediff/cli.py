@@ -145,11 +145,11 @@ def cmd_cache(a) -> None:
 
 
 def cmd_sae_finetune(a) -> None:
-    from stagediff.sae.finetune import finetune_sae
+    from stagediff.sae.finetune import finetune_saes
 
     p = _params(a.params)
-    finetune_sae(a.cache, a.heldout or a.cache, a.base_sae, a.regime, a.layer, a.out, a.checkpoint_dir,
-                 p["sae_finetune"], p["seed"], _sae_device(a), a.read_ahead)
+    finetune_saes(a.cache, a.heldout or a.cache, a.base_sae, p["sae_finetune"]["regimes"], a.layer, a.out,
+                  a.checkpoint_dir, p["sae_finetune"], p["seed"], _sae_device(a), a.read_ahead)
 
 
 def cmd_sae_evaluate(a) -> None:
@@ -476,11 +476,13 @@ COMMANDS = {
               ["--params", DEVICE, ("--layers", {"type": int, "nargs": "+", "required": True}),
                ("--out", {"nargs": "+", "required": True, "help": "one store path per layer, same order"}),
                ("--train-out", {"nargs": "+", "help": "the train split's stores, one per layer (default: in --out)"})]),
-    "sae-finetune": (cmd_sae_finetune, "warm-start (or randomly init) one layer's SAE under one regime",
+    "sae-finetune": (cmd_sae_finetune, "warm-start (or randomly init) one layer's SAEs, one per regime of "
+                     "sae_finetune.regimes, trained together on one read of the layer",
                      ["--params", DEVICE, "--cache",
                       ("--heldout", {"help": "the store with the val split (default: --cache)"}), "--base-sae",
-                      ("--layer", {"type": int, "required": True}), ("--regime", {"required": True}), "--checkpoint-dir",
-                      ("--read-ahead", {"type": int, "default": 4, "help": "cache reads in flight"}), "--out"]),
+                      ("--layer", {"type": int, "required": True}), "--checkpoint-dir",
+                      ("--read-ahead", {"type": int, "default": 4, "help": "cache reads in flight"}),
+                      ("--out", {"nargs": "+", "required": True, "help": "one SAE folder per regime, same order"})]),
     "sae-evaluate": (cmd_sae_evaluate, "held-out FVU/L0/dead per regime x modality for one layer (Parquet)",
                      ["--params", DEVICE, "--cache", "--base-sae", ("--layer", {"type": int, "required": True}),
                       ("--saes", {"nargs": "+", "required": True, "help": "one SAE folder per regime, config order"}),

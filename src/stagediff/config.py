@@ -136,6 +136,14 @@ def _override_sections(config: dict):
         yield config["toy"]["base_sae"]
 
 
+def finetune_jobs(config: dict) -> tuple[list[str], list[str]]:
+    """The SAE training jobs of a layer: (the ``sae_finetune.shared_read`` regimes, trained in one job
+    on one read of the layer; the other regimes, one job each), both in ``regimes`` order."""
+    s = config["sae_finetune"]
+    shared = [r for r in s["regimes"] if r in s["shared_read"]]
+    return shared, [r for r in s["regimes"] if r not in shared]
+
+
 def n_layers(config: dict) -> int:
     return config["toy"]["base_lm"]["n_layers"] if "toy" in config else config["model"]["n_layers"]
 
@@ -165,6 +173,9 @@ def _check_layers(config: dict, source: str) -> None:
     if d["regime"] not in config["sae_finetune"]["regimes"]:
         raise ConfigError(f"{source}: config key diff.regime = {d['regime']!r} is not among "
                           f"sae_finetune.regimes {config['sae_finetune']['regimes']}")
+    if config["cache"]["train_groups_at_once"] and config["cache"]["keep_train"]:
+        raise ConfigError(f"{source}: config key cache.train_groups_at_once needs cache.keep_train false "
+                          f"(kept train stores are never deleted, so no cache job could wait for one to go)")
     for k in config["sae_finetune"]["lr_layer_scale"]:
         if int(k) not in config["layers"]:
             raise ConfigError(f"{source}: config key sae_finetune.lr_layer_scale.{k}: layer {k} is not in "

@@ -171,7 +171,7 @@ def plan(config_file: str | Path, gpu_mem_gb: float = 80.0, disk_gbps: float = r
         hours, floor = n * e.seconds_at(disk_rate) / 3600, n * e.compute_s / 3600
         read = n * e.read
         if rule == "sae_finetune":  # the request covers the worst regime; each regime reads its own bytes
-            per = [res.estimate(rule, real, arch, d_sae, seq, regime) for regime in cfg["sae_finetune"]["regimes"]]
+            per = [res.estimate(rule, real, arch, d_sae, seq, regime) for regime in sdc.finetune_jobs(cfg)[1]]
             hours = n / len(per) * sum(x.seconds_at(disk_rate) for x in per) / 3600
             read = n / len(per) * sum(x.read for x in per)
         if rule == "study_layer":  # the requests assume the worst case per layer; in all, the features
@@ -187,15 +187,37 @@ def plan(config_file: str | Path, gpu_mem_gb: float = 80.0, disk_gbps: float = r
                        "fits": e.host <= r["mem_mb"] * 1e6 and e.gpu <= gpu_mem_gb * 1e9
                        and e.seconds <= r["runtime"] * 60}
     groups = c["layer_groups"] or [cfg["layers"]]
+    train_gb = disk.get("train", {"all_tokens_gb": 0.0})["all_tokens_gb"]
+    n_layers, at_once = len(cfg["layers"]), c["train_groups_at_once"]
+    # train stores that can exist at once: all (kept, or no gate), or the largest m groups' (the gate)
+    train_layers = n_layers if c["keep_train"] or not at_once else sum(sorted(map(len, groups))[-at_once:])
     return {"jobs": jobs, "rules": rules, "disk": disk, "arch": arch, "d_sae": d_sae, "gpu_mem_gb": gpu_mem_gb,
             "disk_gbps": disk_gbps,
             "model_loads": sum(n for rule, n in jobs.items() if rule == "convert_llava" or res.rule_kind(rule) == "model"),
             "cache_passes": sum(max(g) + 1 for g in groups) / arch.n_layers,
-            "disk_total_gb": layer_gb * len(cfg["layers"]), "disk_peak_gb": layer_gb * len(cfg["layers"]),
+            "disk_total_gb": layer_gb * n_layers,
+            "disk_peak_gb": (layer_gb - train_gb) * n_layers + train_gb * train_layers,
+            "train_layers_at_once": train_layers, "train_groups_at_once": at_once, "keep_train": c["keep_train"],
+            "disk_advice": _disk_advice(c["disk_budget_gb"], (layer_gb - train_gb) * n_layers, train_gb,
+                                        max(map(len, groups)), c["keep_train"]),
             "disk_kept_gb": len(cfg["layers"]) * sum(d["all_tokens_gb"] for s, d in disk.items()
                                                      if s != "train" or c["keep_train"]),
             "disk_budget_gb": c["disk_budget_gb"], "gpu_hours": {k: v["gpu_hours"] for k, v in rules.items()},
             "floor_hours": {k: v["floor_hours"] for k, v in rules.items()}}
+
+
+def _disk_advice(budget: float | None, kept_gb: float, train_gb: float, group: int, keep_train: bool) -> str:
+    """What brings the peak disk within ``budget`` (GB): the most layer groups' train stores at once
+    that fit beside every layer's held-out store."""
+    if budget is None:
+        return ""
+    if keep_train:
+        return "set cache.keep_train false, so that train stores go once their SAEs are trained"
+    fits = int((budget - kept_gb) // (group * train_gb)) if train_gb else 0
+    if fits >= 1:
+        return f"cache.train_groups_at_once: {fits} fits (groups of {group} layers)"
+    return (f"one group's train stores ({group * train_gb:.0f} GB) do not fit beside the held-out stores: split "
+            f"the layers into smaller cache.layer_groups (each costs a pass up to its deepest layer)")
 
 
 def render(p: dict) -> str:
@@ -220,10 +242,15 @@ def render(p: dict) -> str:
         lines.append(f"  {split:<6} {d['samples']:>8} samples: {d['all_tokens_gb']:10.2f} GB all tokens, "
                      f"{d['text_tokens_gb']:8.2f} GB text tokens only")
     budget = p["disk_budget_gb"]
+    within = budget is not None and p["disk_peak_gb"] <= budget
     verdict = ("cache.disk_budget_gb not set" if budget is None else
-               f"budget {budget:g} GB: {'within' if p['disk_peak_gb'] <= budget else 'EXCEEDED'}")
-    lines.append(f"disk: {p['disk_total_gb']:.0f} GB written, peak {p['disk_peak_gb']:.0f} GB ({verdict}; every "
-                 f"cache job may finish before the first SAE starts), {p['disk_kept_gb']:.0f} GB kept at the end")
+               f"budget {budget:g} GB: {'within' if within else 'EXCEEDED: ' + p['disk_advice']}")
+    why = ("train stores kept (cache.keep_train)" if p["keep_train"] else
+           f"{p['train_layers_at_once']} layers' train stores at once (cache.train_groups_at_once "
+           f"{p['train_groups_at_once']})" if p["train_groups_at_once"] else
+           "every layer's train store at once: each cache job may finish before the first SAE starts")
+    lines.append(f"disk: {p['disk_total_gb']:.0f} GB written, peak {p['disk_peak_gb']:.0f} GB ({why}; {verdict}), "
+                 f"{p['disk_kept_gb']:.0f} GB kept at the end")
     lines.append(f"(GPU-hours at the assumed rates: bf16 989 TFLOP/s x 0.4 for the VLM, TF32 495 x 0.5 for SAE "
                  f"math, {p['disk_gbps']:g} GB/s disk reads and writes (--disk-gbps); selection-dependent stages "
                  f"at their worst case)")

@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from stagediff import config as sdc
+
 GB = 1e9
 MARGIN = 1.3  # request = estimate x this (allocator fragmentation, Python, libraries)
 BASE_HOST = 3 * GB  # Python + torch + transformers, CUDA context, before any data
@@ -28,7 +30,7 @@ BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 PEAK = {"bf16": 989e12, "tf32": 495e12}
 DISK_BYTES_PER_S = 1.0 * GB  # one node reading or writing its scratch disk
 MODEL_RULES = ("vlm_accuracy", "cache_activations", "neutral", "study_layer", "visual_tokens")
-SAE_RULES = ("sae_finetune", "sae_evaluate", "diff_layer", "shift_layer")
+SAE_RULES = ("sae_finetune", "sae_finetune_shared", "sae_evaluate", "diff_layer", "shift_layer")
 
 
 @dataclass(frozen=True)
@@ -108,18 +110,29 @@ def model_flops(rule: str, cfg: dict, arch, seq: int, features: int | None = Non
     return 0.0
 
 
-def finetune_read_bytes(cfg: dict, arch, regime: str) -> float:
-    """What one ``sae_finetune`` job reads: its token budget, or its train split once where that
-    fits one shuffle buffer (``TokenStream`` then keeps it: the text regime at paper scale)."""
+def finetune_read_bytes(cfg: dict, arch, regimes: list[str]) -> float:
+    """What one training job of ``regimes`` reads (one stream over their modalities): its token
+    budget, or its train split once where that fits one shuffle buffer (``TokenStream`` then keeps
+    it: the text regime at paper scale)."""
     s, c = cfg["sae_finetune"], cfg["cache"]
-    spans = {"text": TEXT_TOKENS, "image": arch.image_tokens}.get(regime, arch.image_tokens + TEXT_TOKENS)
+    spans = (TEXT_TOKENS if any(r != "image" for r in regimes) else 0) + \
+            (arch.image_tokens if any(r != "text" for r in regimes) else 0)
     split = c["splits"].get("train", 0) * spans
     return (split if split <= s["buffer_tokens"] else s["tokens"]) * arch.d_model * BYTES[c["dtype"]]
 
 
+def finetune_regimes(cfg: dict, rule: str, regime: str | None = None) -> list[list[str]]:
+    """The regime sets one job of a training rule may train: the shared ones together; of the
+    one-regime rule ``regime``'s, or each of its regimes (the request covers the worst)."""
+    shared, solo = sdc.finetune_jobs(cfg)
+    if rule == "sae_finetune_shared":
+        return [shared]
+    return [[regime]] if regime else [[r] for r in solo]
+
+
 def estimate(rule: str, cfg: dict, arch, d_sae: int, seq: int, regime: str | None = None) -> Estimate:
     """The peak memory and time of one job of ``rule`` (of ``sae_finetune``: of that regime's job;
-    None: the regimes' worst case, what a request must cover)."""
+    None: its regimes' worst case, what a request must cover)."""
     dtype = cfg["model"]["dtype"] if "model" in cfg else "float32"
     kind = rule_kind(rule)
     c = cfg["cache"]
@@ -135,14 +148,15 @@ def estimate(rule: str, cfg: dict, arch, d_sae: int, seq: int, regime: str | Non
     if kind == "sae":
         s, sae = cfg["sae_finetune"], sae_bytes(arch, d_sae)
         per_token = arch.d_model * BYTES[c["dtype"]]
-        if rule == "sae_finetune":  # two shuffle buffers on the GPU, pinned staging rows per reader
+        if rule.startswith("sae_finetune"):  # two shuffle buffers on the GPU, pinned staging rows per reader
             buf = s["buffer_tokens"] * per_token
             staging = s["read_ahead"] * s["read_chunks"] * c["chunk_rows"] * per_token
             batch = 2 * 4 * s["batch_size"] * d_sae
             train = 3 * 2 * s["tokens"] * arch.d_model * d_sae  # the dense encoder, x3 (the sparse rest is O(k))
-            read = max(finetune_read_bytes(cfg, arch, r) for r in ([regime] if regime else s["regimes"]))
-            return Estimate(BASE_HOST + sae + staging, 4 * sae + 2 * buf + batch, train / (PEAK["tf32"] * 0.5),
-                            read=read)
+            jobs = finetune_regimes(cfg, rule, regime)
+            n = max(len(j) for j in jobs)  # SAEs (+ gradients and Adam moments) on the GPU at once
+            return Estimate(BASE_HOST + n * sae + staging, n * 4 * sae + 2 * buf + batch,
+                            n * train / (PEAK["tf32"] * 0.5), read=max(finetune_read_bytes(cfg, arch, j) for j in jobs))
         held = c["splits"].get("val", 0) * seq
         n_saes = {"diff_layer": 1 + len(s["regimes"])}.get(rule, 1)  # diff compares weights on the host
         passes = {"sae_evaluate": 1 + len(s["regimes"]), "diff_layer": 2}.get(rule, 1)

@@ -27,6 +27,7 @@ for _gid, _group in enumerate(layer_groups()):
             f"cache_activations_g{_gid}"
         input:
             **world_inputs(),
+            gate=train_store_gate(_gid),
         output:
             heldout=[directory(cache_path(layer)) for layer in _group],
             train=[train_cache_output(layer) for layer in _group],

@@ -27,6 +27,8 @@ ENV = "../../envs/stagediff.yaml"
 
 
 REGIMES = config["sae_finetune"]["regimes"]
+# regimes trained in one job per layer on one read of its cache; each other regime trains alone
+SHARED, SOLO = sdc.finetune_jobs(config)
 
 
 MODEL_SHAPES = sdr.model_shapes(config)  # the model's config.json files, read once per parse
@@ -89,6 +91,16 @@ def train_cache_output(layer):
     return out if config["cache"]["keep_train"] else temp(out)
 
 
+def train_store_gate(group):
+    """What a layer group's cache job waits for: with `cache.train_groups_at_once` m, the SAEs of
+    group g - m, so their train stores (temp) are gone before this group's are written and at most
+    m groups' train stores exist at once. `ancient`: retraining those SAEs later reruns no cache."""
+    m = config["cache"]["train_groups_at_once"]
+    if not m or group < m:
+        return []
+    return [ancient(sae_path(layer, r)) for layer in layer_groups()[group - m] for r in REGIMES]
+
+
 # A store whose marker is gone is absent, so its cache job reruns (a dry run shows it too).
 sdio.drop_unmarked([p(layer) for layer in LAYERS for p in (cache_path, train_cache_path)], "COMPLETE")
 
@@ -97,13 +109,36 @@ def sae_path(layer, regime):
     return f"{OUT}/saes/L{layer}/{regime}"
 
 
-def sae_finetune_params(wildcards):
-    """The SAE settings with only this layer's learning-rate factor (one layer stale, not all)."""
+def sae_finetune_params(wildcards, train=None):
+    """The SAE settings with only this layer's learning-rate factor (one layer stale, not all).
+    `train`: the regimes one training job makes, which become its `regimes` (adding a regime or
+    moving one out of `shared_read` reruns only the jobs it changes)."""
     sae = dict(config["sae_finetune"])
     sae.pop("read_ahead")  # how fast it reads, not what it computes
     scale = sae.pop("lr_layer_scale")
     sae["lr_layer_scale"] = {wildcards.layer: scale[wildcards.layer]} if wildcards.layer in scale else {}
+    if train is not None:
+        del sae["shared_read"]
+        sae["regimes"] = train
     return sdc.dumps({"seed": config["seed"], "sae_finetune": sae})
+
+
+def sae_finetune_jobs():
+    """(name, log and checkpoint name, output, regimes) of a layer's SAE training jobs: one job per
+    regime not in `shared_read` (`{regime}` a wildcard), one for the `shared_read` ones together."""
+    jobs = []
+    if SOLO:
+        regime = "{regime,%s}" % "|".join(SOLO)
+        jobs.append(("sae_finetune", "{regime}", directory(sae_path("{layer}", regime)), None))
+    if SHARED:
+        jobs.append(("sae_finetune_shared", "_".join(SHARED), [directory(sae_path("{layer}", r)) for r in SHARED],
+                     SHARED))
+    return jobs
+
+
+def sae_train_params(train):
+    """The params of a training job of regimes `train` (None: the job's `{regime}` wildcard)."""
+    return lambda wildcards: sae_finetune_params(wildcards, train or [wildcards.regime])
 
 
 def world_inputs():

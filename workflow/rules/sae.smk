@@ -1,31 +1,35 @@
-# SAE adaptation (paper §4.1, Fig 1, Fig 6): one job per layer x regime, warm-started from the
-# base SAE (Llama Scope / the toy release), then held-out FVU per layer and the two figures.
+# SAE adaptation (paper §4.1, Fig 1, Fig 6): per layer, one job for the regimes that share one read
+# of the cache (`sae_finetune.shared_read`) and one per other regime, warm-started from the base
+# SAE (Llama Scope / the toy release); then held-out FVU per layer and the two figures.
 
 
-rule sae_finetune:
-    input:
-        cache=train_cache_path("{layer}"),
-        heldout=cache_path("{layer}"),
-        base_sae=config["base_sae"]["path"],
-    output:
-        directory(sae_path("{layer}", "{regime}")),
-    params:
-        p=sae_finetune_params,
-        checkpoints=f"{OUT}/checkpoints/saes/L{{layer}}/{{regime}}",
-    log:
-        f"{LOGS}/sae_finetune/L{{layer}}_{{regime}}.log",
-    threads: 2
-    resources:
-        **job_resources("sae_finetune"),
-        read_ahead=config["sae_finetune"]["read_ahead"],  # how fast it reads, not what it computes
-    conda:
-        ENV
-    shell:
-        "stagediff sae-finetune --params {params.p:q} --device {resources.device} --cache {input.cache}"
-        " --heldout {input.heldout} --base-sae {input.base_sae}"
-        " --layer {wildcards.layer} --regime {wildcards.regime} --checkpoint-dir {params.checkpoints}"
-        " --read-ahead {resources.read_ahead}"
-        " --out {output} --log {log}"
+for _name, _regimes, _output, _train in sae_finetune_jobs():
+
+    rule:
+        name:
+            _name
+        input:
+            cache=train_cache_path("{layer}"),
+            heldout=cache_path("{layer}"),
+            base_sae=config["base_sae"]["path"],
+        output:
+            _output,
+        params:
+            p=sae_train_params(_train),
+            checkpoints=f"{OUT}/checkpoints/saes/L{{layer}}/{_regimes}",
+        log:
+            f"{LOGS}/sae_finetune/L{{layer}}_{_regimes}.log",
+        threads: 2
+        resources:
+            **job_resources(_name),
+            read_ahead=config["sae_finetune"]["read_ahead"],  # how fast it reads, not what it computes
+        conda:
+            ENV
+        shell:
+            "stagediff sae-finetune --params {params.p:q} --device {resources.device} --cache {input.cache}"
+            " --heldout {input.heldout} --base-sae {input.base_sae} --layer {wildcards.layer}"
+            " --checkpoint-dir {params.checkpoints} --read-ahead {resources.read_ahead}"
+            " --out {output} --log {log}"
 
 
 rule sae_evaluate:

@@ -8,6 +8,13 @@ the loss to a span is reading only that span's rows):
     text    text tokens only, warm start (reads only the text arrays of the cache)
     random  all tokens, same architecture from a random init (the control)
 
+Regimes that read both modalities (full, random; image too, whose rows are ~97 % of each
+batch at paper scale) can train in one job on one read of the layer (``sae_finetune.shared_read``):
+the same batches in the same order, each SAE on its own modalities' rows. Training, not the disk,
+then bounds the job, and the controls differ from the full regime only in their init (random) or
+in the rows that give the signal (image). The text regime's ~1M train tokens fit one buffer and
+are read once; it trains alone.
+
 The base SAE's input scale s is kept in every regime, never re-estimated on the new data, so
 the four SAEs and the base one live in the same normalised space and can be diffed.
 
@@ -29,6 +36,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -85,92 +93,149 @@ def heldout_batches(store: ActivationStore, modalities: tuple[str, ...], max_tok
         yield from x.split(batch_size)
 
 
-def finetune_sae(store_path: str | Path, heldout_path: str | Path, base_sae: str | Path, regime: str, layer: int,
-                 out: str | Path,
-                 checkpoint_dir: str | Path, cfg: dict, seed: int, device: torch.device | str = "cpu",
-                 read_ahead: int = 4) -> None:
-    """Trains on the train split of ``store_path``; the curve's FVU is on the val split of
-    ``heldout_path`` (the same store, or the layer's held-out store). ``device``: where the SAE trains (float32; the stream's buffer lives there, in bf16, when it
-    fits). ``read_ahead``: reads in flight (a speed knob: results do not depend on it)."""
-    if regime not in REGIMES:
-        raise ValueError(f"unknown regime {regime!r}; expected one of {list(REGIMES)}")
-    run_seed = (seed, layer, REGIME_SEEDS[regime])
+@dataclass
+class Run:
+    """One regime's SAE in a training job, with what its loop keeps."""
+    regime: str
+    sae: TopKSAE
+    opt: torch.optim.Optimizer
+    heldout: list[torch.Tensor]
+    out: Path
+    last_fired: torch.Tensor  # tokens seen when each latent last fired
+    fires: torch.Tensor  # training tokens on which each latent fired
+    sum_loss: torch.Tensor
+    first_bad: torch.Tensor  # first step with a non-finite loss
+    curve: list = field(default_factory=list)
+    seen: int = 0  # training tokens so far (host-side: the image rows of shared batches vary in number)
+    n_loss: int = 0
+
+    def state(self) -> dict:
+        return {"sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "last_fired": self.last_fired,
+                "fires": self.fires, "curve": self.curve, "sum_loss": self.sum_loss, "n_loss": self.n_loss,
+                "seen": self.seen}
+
+    def restore(self, state: dict) -> None:
+        self.sae.load_state_dict(state["sae"])
+        self.opt.load_state_dict(state["opt"])
+        device = self.sae.device
+        self.last_fired, self.fires = state["last_fired"].to(device), state["fires"].to(device)
+        self.curve, self.n_loss, self.seen = state["curve"], state["n_loss"], state["seen"]
+        self.sum_loss = torch.as_tensor(state["sum_loss"], dtype=torch.float64).to(device)
+
+
+def finetune_saes(store_path: str | Path, heldout_path: str | Path, base_sae: str | Path, regimes: list[str],
+                  layer: int, outs: list[str | Path], checkpoint_dir: str | Path, cfg: dict, seed: int,
+                  device: torch.device | str = "cpu", read_ahead: int = 4) -> None:
+    """Trains one SAE per regime (to the matching ``outs`` folder) on the train split of
+    ``store_path``; the curves' FVU is on the val split of ``heldout_path`` (the same store, or the
+    layer's held-out store). Several regimes train in lockstep on one read of the layer: the same
+    batches, each regime's SAE on its modalities' rows of them (``sae_finetune.shared_read``; at
+    paper scale each step's batch is read once instead of once per regime). ``device``: where the
+    SAEs train (float32; the stream's buffer lives there, in bf16, when it fits). ``read_ahead``:
+    reads in flight (a speed knob: results do not depend on it)."""
+    for regime in regimes:
+        if regime not in REGIMES:
+            raise ValueError(f"unknown regime {regime!r}; expected one of {list(REGIMES)}")
+    # the stream reads the modalities of all its regimes, seeded as the first one alone would be
+    modalities = tuple(m for m in ("text", "image") if any(m in REGIMES[r] for r in regimes))
     seed_everything(seed)
     store = ActivationStore(store_path)
-    modalities = REGIMES[regime]
     device = torch.device(device)
-    stream = TokenStream(store, modalities, cfg["batch_size"], cfg["buffer_tokens"], seed=run_seed, device=device,
+    stream = TokenStream(store, modalities, cfg["batch_size"], cfg["buffer_tokens"],
+                         seed=(seed, layer, REGIME_SEEDS[regimes[0]]), device=device,
                          read_chunks=cfg["read_chunks"], read_ahead=read_ahead)
     steps = cfg["tokens"] // cfg["batch_size"]
-    # its own seed stream: a random init must not repeat the base SAE's (seeded by seed + layer)
-    gen = torch.Generator().manual_seed(int(np.random.SeedSequence(run_seed).generate_state(1)[0]))
-    sae = initial_sae(base_sae, regime, cfg["top_k"], gen,
-                      next(stream.batches(0)) if regime == "random" else None, device, store)
     lr = layer_lr(cfg, layer)
-    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=tuple(cfg["betas"]), fused=True)
-    fingerprint = config_hash({"cfg": cfg, "seed": seed, "layer": layer, "regime": regime,
+    held = ActivationStore(heldout_path)
+    runs = []
+    for regime, out in zip(regimes, outs, strict=True):
+        # its own seed stream: a random init must not repeat the base SAE's (seeded by seed + layer)
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence((seed, layer, REGIME_SEEDS[regime]))
+                                                .generate_state(1)[0]))
+        sae = initial_sae(base_sae, regime, cfg["top_k"], gen,
+                          next(stream.batches(0)) if regime == "random" else None, device, store)
+        zeros = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
+        runs.append(Run(regime, sae, torch.optim.Adam(sae.parameters(), lr=lr, betas=tuple(cfg["betas"]), fused=True),
+                        list(heldout_batches(held, REGIMES[regime], cfg["curve_eval_tokens"], device)), Path(out),
+                        zeros, zeros.clone(), torch.zeros((), dtype=torch.float64, device=device),
+                        torch.full((), -1, dtype=torch.long, device=device)))
+    what = f"{'+'.join(regimes)} L{layer}"
+    fingerprint = config_hash({"cfg": cfg, "seed": seed, "layer": layer, "regimes": list(regimes),
                                "base": str(base_sae), "store": store.attrs.get("config_hash")})
     ckpt = Path(checkpoint_dir) / CHECKPOINT
     state = _load_checkpoint(Path(checkpoint_dir), fingerprint)
-    # on the training device: the step loop never waits for a host copy (the loss is read at log steps)
-    last_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)  # tokens seen when each latent last fired
-    fires = torch.zeros(sae.d_sae, dtype=torch.long, device=device)  # training tokens on which each latent fired
-    curve: list[dict] = []
-    start, sum_loss, n_loss = 0, torch.zeros((), dtype=torch.float64, device=device), 0
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
+    start = 0
     if state is not None:
-        sae.load_state_dict(state["sae"])
-        opt.load_state_dict(state["opt"])
-        last_fired, fires = state["last_fired"].to(device), state["fires"].to(device)
-        curve, start, n_loss = state["curve"], state["step"], state["n_loss"]
-        sum_loss = torch.as_tensor(state["sum_loss"], dtype=torch.float64).to(device)
-        log.info("resuming %s L%d at step %d/%d (epoch, buffer, batch = %s)", regime, layer, start, steps,
-                 stream.position(start))
-    heldout = list(heldout_batches(ActivationStore(heldout_path), modalities, cfg["curve_eval_tokens"], device))
-    if not curve:
-        curve.append(_curve_row(sae, heldout, 0, float("nan"), last_fired, 0, cfg))
+        start = state["step"]
+        for run in runs:
+            run.restore(state["runs"][run.regime])
+        log.info("resuming %s at step %d/%d (epoch, buffer, batch = %s)", what, start, steps, stream.position(start))
+    for run in runs:
+        if not run.curve:
+            run.curve.append(_curve_row(run.sae, run.heldout, 0, float("nan"), run.last_fired, 0, cfg))
     t0 = time.time()
-    batches = stream.batches(start)
+    batches = stream.batches(start, labelled=True)
     for step in range(start, steps):
-        x = next(batches)
-        v, i = sae.encode(x)
-        loss = sae.normalised_mse(x, sae.decode(v, i))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        tokens = (step + 1) * cfg["batch_size"]
-        active = i[v > 0]
-        last_fired[active] = tokens
-        fires += torch.bincount(active, minlength=sae.d_sae)
-        sum_loss, n_loss = sum_loss + loss.detach(), n_loss + 1
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
-        if (step + 1) % cfg["log_every"] == 0 or (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == steps:
-            _refuse_nonfinite(first_bad, sae, stream, f"{regime} SAE L{layer}", ckpt)
-        if (step + 1) % cfg["log_every"] == 0 or step + 1 == steps:
-            curve.append(_curve_row(sae, heldout, tokens, float(sum_loss) / n_loss, last_fired, step + 1, cfg))
-            sum_loss, n_loss = torch.zeros_like(sum_loss), 0
-            r = curve[-1]
-            log.info("%s L%d step %d/%d loss %.4f held-out FVU %.4f dead %.3f (%.0f tokens/s)", regime, layer,
-                     step + 1, steps, r["loss"], r["fvu"], r["dead_fraction"],
-                     (tokens - start * cfg["batch_size"]) / max(time.time() - t0, 1e-9))
-        if (step + 1) % cfg["checkpoint_every"] == 0 and step + 1 < steps:
-            _save_checkpoint(ckpt, {"step": step + 1, "sae": sae.state_dict(), "opt": opt.state_dict(),
-                                    "last_fired": last_fired, "fires": fires, "curve": curve, "sum_loss": sum_loss,
-                                    "n_loss": n_loss, "fingerprint": fingerprint})
-    meta = {"layer": layer, "regime": regime, "base_sae": str(base_sae), "store": str(store_path),
-            "d_model": sae.d_model, "d_sae": sae.d_sae, "top_k": sae.k, "scale": float(sae.scale),
-            "dataset_average_activation_norm": math.sqrt(sae.d_model) / float(sae.scale),
-            "rank_by_decoder_norm": sae.rank_by_decoder_norm, "tokens": steps * cfg["batch_size"], "lr": lr,
-            "seed": seed, "hook_name": f"blocks.{layer}.hook_resid_post", "fingerprint": fingerprint}
-    with atomic_dir(out) as tmp:
-        save_sae(sae, tmp, meta)
-        pd.DataFrame(curve).to_parquet(Path(tmp) / "curve.parquet", index=False)
-        pd.DataFrame({"feature": range(sae.d_sae), "training_fires": fires.cpu().numpy(),
-                      "last_fired_tokens": last_fired.cpu().numpy()}).to_parquet(Path(tmp) / "features.parquet", index=False)
-        save_saelens(sae, Path(tmp) / "saelens", meta["hook_name"], str(store.attrs.get("model", "")))
+        x, rows = next(batches)
+        for run in runs:
+            own = REGIMES[run.regime]
+            n = sum(len(rows[m]) for m in own)
+            if n:  # (a small buffer's blocks can all be text: no image rows, no image step)
+                _train_step(run, x if n == len(x) else torch.cat([x.index_select(0, rows[m]) for m in own]), step, n)
+        last = step + 1 == steps
+        if (step + 1) % cfg["log_every"] == 0 or (step + 1) % cfg["checkpoint_every"] == 0 or last:
+            for run in runs:
+                _refuse_nonfinite(run.first_bad, run.sae, stream, f"{run.regime} SAE L{layer}", ckpt)
+        if (step + 1) % cfg["log_every"] == 0 or last:
+            for run in runs:
+                loss = float(run.sum_loss) / run.n_loss if run.n_loss else float("nan")
+                run.curve.append(_curve_row(run.sae, run.heldout, run.seen, loss,
+                                            run.last_fired, step + 1, cfg))
+                run.sum_loss, run.n_loss = torch.zeros_like(run.sum_loss), 0
+                r = run.curve[-1]
+                log.info("%s L%d step %d/%d loss %.4f held-out FVU %.4f dead %.3f (%.0f tokens/s)", run.regime,
+                         layer, step + 1, steps, r["loss"], r["fvu"], r["dead_fraction"],
+                         (step + 1 - start) * cfg["batch_size"] / max(time.time() - t0, 1e-9))
+        if (step + 1) % cfg["checkpoint_every"] == 0 and not last:
+            _save_checkpoint(ckpt, {"step": step + 1, "runs": {run.regime: run.state() for run in runs},
+                                    "fingerprint": fingerprint})
+    for run in runs:
+        _write_sae(run, layer, base_sae, store_path, store, lr, seed, fingerprint)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     with contextlib.suppress(OSError):  # and the per-layer folders above it, once empty
         os.removedirs(Path(checkpoint_dir).parent)
+
+
+def _train_step(run: Run, x: torch.Tensor, step: int, n_tokens: int) -> None:
+    sae = run.sae
+    v, i = sae.encode(x)
+    loss = sae.normalised_mse(x, sae.decode(v, i))
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    run.opt.step()
+    run.seen += n_tokens
+    active = i[v > 0]
+    run.last_fired[active] = run.seen
+    run.fires += torch.bincount(active, minlength=sae.d_sae)
+    run.sum_loss, run.n_loss = run.sum_loss + loss.detach(), run.n_loss + 1
+    run.first_bad = torch.where((run.first_bad < 0) & ~torch.isfinite(loss.detach()), step, run.first_bad)
+
+
+def _write_sae(run: Run, layer: int, base_sae, store_path, store: ActivationStore, lr: float, seed: int,
+               fingerprint: str) -> None:
+    sae = run.sae
+    meta = {"layer": layer, "regime": run.regime, "base_sae": str(base_sae), "store": str(store_path),
+            "d_model": sae.d_model, "d_sae": sae.d_sae, "top_k": sae.k, "scale": float(sae.scale),
+            "dataset_average_activation_norm": math.sqrt(sae.d_model) / float(sae.scale),
+            "rank_by_decoder_norm": sae.rank_by_decoder_norm, "tokens": run.seen, "lr": lr,
+            "seed": seed, "hook_name": f"blocks.{layer}.hook_resid_post", "fingerprint": fingerprint}
+    with atomic_dir(run.out) as tmp:
+        save_sae(sae, tmp, meta)
+        pd.DataFrame(run.curve).to_parquet(Path(tmp) / "curve.parquet", index=False)
+        pd.DataFrame({"feature": range(sae.d_sae), "training_fires": run.fires.cpu().numpy(),
+                      "last_fired_tokens": run.last_fired.cpu().numpy()}).to_parquet(Path(tmp) / "features.parquet",
+                                                                                       index=False)
+        save_saelens(sae, Path(tmp) / "saelens", meta["hook_name"], str(store.attrs.get("model", "")))
 
 
 def _curve_row(sae, heldout, tokens: int, loss: float, last_fired: torch.Tensor, step: int, cfg: dict) -> dict:

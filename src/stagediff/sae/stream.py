@@ -76,7 +76,7 @@ class TokenStream:
                  buffer_tokens: int, seed: tuple[int, ...], split: str = "train",
                  device: torch.device | str = "cpu", read_chunks: int = 1, read_ahead: int = 4):
         self.store, self.batch_size, self.device = store, batch_size, torch.device(device)
-        self.read_ahead = read_ahead
+        self.read_ahead, self.modalities = read_ahead, tuple(modalities)
         self.blocks = split_blocks(store, modalities, split, read_chunks)
         block_rows = store.array(modalities[0]).chunks[0] * read_chunks
         self.n_tokens = sum(b.stop - b.start for b in self.blocks)
@@ -122,8 +122,11 @@ class TokenStream:
                     yield epoch, b, blocks
             epoch, b0 = epoch + 1, 0
 
-    def batches(self, start_step: int = 0) -> Iterator[torch.Tensor]:
-        """Endless batches [batch_size, d_model] (float32, on the stream's device), from ``start_step`` on."""
+    def batches(self, start_step: int = 0, labelled: bool = False) -> Iterator:
+        """Endless batches [batch_size, d_model] (float32, on the stream's device), from ``start_step`` on.
+        ``labelled``: (batch, {modality: the batch's row indices of that modality, on the device})
+        instead, so that SAEs of several regimes can train on one read (each on its modalities' rows);
+        the labels come from the host-side schedule, so selecting rows never waits for the device."""
         epoch, b0, skip = self.position(start_step)
         probe = self.store.stored(self.blocks[0].modality, self.blocks[0].start, self.blocks[0].start + 1)
         shape, dtype = (self.buffer_rows, probe.shape[1]), probe.dtype
@@ -145,10 +148,20 @@ class TokenStream:
             self.store.read_into(block.modality, block.start, staging.rows[:rows])
             buf[at : at + rows].copy_(staging.rows[:rows])
 
-        def cut(buf: torch.Tensor, rows: np.ndarray, skip: int) -> Iterator[torch.Tensor]:
-            rows = torch.from_numpy(rows).to(buf.device)
+        def codes(blocks: list[Block]) -> np.ndarray:  # each buffer row's modality (its index in modalities)
+            return np.repeat([self.modalities.index(x.modality) for x in blocks], [x.stop - x.start for x in blocks])
+
+        def cut(buf: torch.Tensor, rows: np.ndarray, skip: int, code: np.ndarray) -> Iterator:
+            on_buf = torch.from_numpy(rows).to(buf.device)
             for i in range(skip, len(rows) // self.batch_size):  # gather per batch: no 2nd buffer copy
-                yield buf[rows[i * self.batch_size : (i + 1) * self.batch_size]].to(self.device).float()
+                part = slice(i * self.batch_size, (i + 1) * self.batch_size)
+                x = buf[on_buf[part]].to(self.device).float()
+                if not labelled:
+                    yield x
+                    continue
+                c = code[rows[part]]
+                yield x, {m: torch.from_numpy(np.flatnonzero(c == j)).to(self.device)
+                          for j, m in enumerate(self.modalities)}
 
         with ThreadPoolExecutor(self.read_ahead, thread_name_prefix="stream") as pool:
             def fill(buf: torch.Tensor, blocks: list[Block]):  # all of a buffer's blocks in flight at once
@@ -167,11 +180,11 @@ class TokenStream:
                 for r in reads:
                     r.result()
                 check(bufs[0], self.blocks, offsets)
-                at = {x: int(o) for x, o in zip(self.blocks, offsets)}
+                at, code = {x: int(o) for x, o in zip(self.blocks, offsets)}, codes(self.blocks)
                 for epoch in itertools.count(epoch):
                     (blocks,) = self._buffers(epoch)
                     rows = np.concatenate([np.arange(at[x], at[x] + x.stop - x.start) for x in blocks])
-                    yield from cut(bufs[0], rows[self._rng(epoch, 0).permutation(len(rows))], skip)
+                    yield from cut(bufs[0], rows[self._rng(epoch, 0).permutation(len(rows))], skip, code)
                     skip = 0
 
             schedule = self._schedule(epoch, b0)  # (not resident: the loop above is endless)
@@ -188,5 +201,5 @@ class TokenStream:
                 buf = bufs[turn % 2]
                 pending = fill_next(bufs[(turn + 1) % 2])  # overlaps this buffer's training
                 check(buf, blocks, offsets)
-                yield from cut(buf, self._rng(epoch, b).permutation(int(offsets[-1])), skip)
+                yield from cut(buf, self._rng(epoch, b).permutation(int(offsets[-1])), skip, codes(blocks))
                 skip = 0
