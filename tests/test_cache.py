@@ -220,3 +220,30 @@ def test_shards_are_byte_identical_to_zarrs(tmp_path, name, width, dtype):
     for f in files:
         assert (ours / f).read_bytes() == (theirs / f).read_bytes(), f
     np.testing.assert_array_equal(zarr.open_array(ours, mode="r")[:], rows)
+
+
+def test_dataloader_workers_give_the_same_batches_and_name_an_unreadable_image(world, tmp_path):
+    import dataclasses
+
+    from stagediff.models.vlm import iter_batches
+
+    _, _, processor, items = world
+    here = list(iter_batches(processor, items, 3))
+    there = list(iter_batches(processor, items, 3, workers=2))
+    assert [p for p, _ in there] == [p for p, _ in here]
+    for (_, a), (_, b) in zip(here, there):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    bad = tmp_path / "truncated.jpg"
+    bad.write_bytes(open(items[4].image_path, "rb").read()[:40])
+    broken = items[:4] + [dataclasses.replace(items[4], image_path=str(bad))] + items[5:]
+    with pytest.raises(OSError, match=f"^{bad}: unreadable image"):
+        list(iter_batches(processor, broken, 3, workers=2))
+
+
+def test_the_cache_with_loader_workers_writes_the_same_store(world, tmp_path):
+    cfg, model, processor, items = world
+    plain = _run(world, tmp_path / "plain", [1])[1]
+    outs = {1: tmp_path / "workers" / "L1.zarr"}
+    cache_activations(model, processor, items, [1], outs, CFG, {"model": "tiny", "dtype": "float32"}, workers=2)
+    for m in ("text", "image"):
+        assert torch.equal(ActivationStore(outs[1]).acts(m), ActivationStore(plain).acts(m))

@@ -124,6 +124,8 @@ def test_end_to_end_then_only_the_changed_layer_is_stale(workdir, monkeypatch):
     saes = {f"results/tiny/saes/L{layer}/{r}" for layer in (0, 1) for r in ("full", "image", "text", "random")}
     everything = set(summary(workdir))
     assert stale_after(lambda c: c.update(device="auto")) == set()  # where a job runs is not what it computes
+    # nor how fast the cache decodes images, nor the disk quota the planner checks
+    assert stale_after(lambda c: c["cache"].update(loader_workers=0, disk_budget_gb=100)) == set()
     resized = stale_after(lambda c: c["cache"]["splits"].update(val=5))
     world = {f for f in everything if f.startswith("results/tiny/world")}
     untouched = world | {"results/tiny/tables/vlm_accuracy.parquet", "results/tiny/patching/mean_visual_embedding"

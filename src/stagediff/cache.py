@@ -218,13 +218,14 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def cache_activations(model, processor, items: list[Item], layers: list[int], outputs: dict[int, Path],
-                      cfg: dict, attrs: dict, train_outputs: dict[int, Path] | None = None) -> None:
+                      cfg: dict, attrs: dict, train_outputs: dict[int, Path] | None = None, workers: int = 0) -> None:
     """Run the model once per batch and write every owned layer's store (atomically).
 
     ``train_outputs``: stores of their own for the train split's rows (91 % of the paper world's
     bytes, read only by SAE training, so the workflow can delete them once that is done); None:
     every split goes to ``outputs``. The train split is cached first, then the held-out splits,
-    so only one set of shard buffers is alive at a time.
+    so only one set of shard buffers is alive at a time. ``workers``: DataLoader processes that
+    decode and encode the images off the model's path (a speed knob: the stores are the same).
     """
     sets = [(outputs, [it for it in items if train_outputs is None or it.split != "train"])]
     if train_outputs is not None:
@@ -232,16 +233,16 @@ def cache_activations(model, processor, items: list[Item], layers: list[int], ou
     with contextlib.ExitStack() as stack:  # all layer stores appear together, or none does
         for outs, part in sets:
             tmps = {L: stack.enter_context(atomic_dir(p)) for L, p in outs.items()}
-            _write_stores(model, processor, part, layers, tmps, cfg, attrs)
+            _write_stores(model, processor, part, layers, tmps, cfg, attrs, workers)
 
 
 def _write_stores(model, processor, items: list[Item], layers: list[int], paths: dict[int, Path], cfg: dict,
-                  attrs: dict) -> None:
+                  attrs: dict, workers: int) -> None:
     writer = LayerStoreWriter(paths, model.config.text_config.hidden_size, cfg, attrs)
     counts = {m: 0 for m in MODALITIES}
     t0, done = time.time(), 0
     n_batches = (len(items) + cfg["batch_size"] - 1) // cfg["batch_size"]
-    for bi, (part, b) in enumerate(iter_batches(processor, items, cfg["batch_size"])):
+    for bi, (part, b) in enumerate(iter_batches(processor, items, cfg["batch_size"], workers)):
         for m, n in cache_batch(model, part, b, layers, writer, cfg["dtype"]).items():
             counts[m] += n
         done += len(part)

@@ -141,7 +141,8 @@ def cmd_cache(a) -> None:
              "hook": "decoder block output (resid_post)", "config_hash": config_hash(p),
              "d_model": model.config.text_config.hidden_size}
     train = dict(zip(a.layers, map(Path, a.train_out))) if a.train_out else None
-    cache_activations(model, processor, items, a.layers, dict(zip(a.layers, map(Path, a.out))), c, attrs, train)
+    cache_activations(model, processor, items, a.layers, dict(zip(a.layers, map(Path, a.out))), c, attrs, train,
+                      a.workers)
 
 
 def cmd_sae_finetune(a) -> None:
@@ -475,7 +476,8 @@ COMMANDS = {
     "cache": (cmd_cache, "cache residual activations of a layer group to Zarr (one forward)",
               ["--params", DEVICE, ("--layers", {"type": int, "nargs": "+", "required": True}),
                ("--out", {"nargs": "+", "required": True, "help": "one store path per layer, same order"}),
-               ("--train-out", {"nargs": "+", "help": "the train split's stores, one per layer (default: in --out)"})]),
+               ("--train-out", {"nargs": "+", "help": "the train split's stores, one per layer (default: in --out)"}),
+               ("--workers", {"type": int, "default": 0, "help": "image decoding processes (DataLoader workers)"})]),
     "sae-finetune": (cmd_sae_finetune, "warm-start (or randomly init) one layer's SAEs, one per regime of "
                      "sae_finetune.regimes, trained together on one read of the layer",
                      ["--params", DEVICE, "--cache",

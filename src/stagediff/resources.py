@@ -25,6 +25,7 @@ from stagediff import config as sdc
 GB = 1e9
 MARGIN = 1.3  # request = estimate x this (allocator fragmentation, Python, libraries)
 BASE_HOST = 3 * GB  # Python + torch + transformers, CUDA context, before any data
+WORKER_HOST = 1 * GB  # a forked DataLoader worker: the pages it writes (interpreter, decoded images, a batch)
 BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # GPU throughput assumed for runtimes (H100/H200 SXM, dense): the model runs bf16, SAE math TF32
 PEAK = {"bf16": 989e12, "tf32": 495e12}
@@ -143,6 +144,7 @@ def estimate(rule: str, cfg: dict, arch, d_sae: int, seq: int, regime: str | Non
         if rule.startswith("cache_activations"):  # one shard buffer per layer and modality; the writes
             group = max(len(g) for g in (c["layer_groups"] or [cfg["layers"]]))
             host += group * 2 * c["chunk_rows"] * c["chunks_per_shard"] * arch.d_model * BYTES[c["dtype"]]
+            host += c["loader_workers"] * WORKER_HOST  # forked DataLoader workers (their own pages only)
             written = sum(c["splits"].values()) * seq * arch.d_model * BYTES[c["dtype"]] * group
         return Estimate(host, gpu, compute, written=written)
     if kind == "sae":
@@ -183,7 +185,7 @@ def request(e: Estimate, kind: str) -> dict:
     """mem_mb, runtime (minutes), cpus and gpu for an estimate; at least 2 GB and 10 minutes."""
     return {"mem_mb": max(2000, math.ceil(e.host * MARGIN / 1e6 / 1000) * 1000),
             "runtime": max(10, math.ceil(e.seconds * 2 / 60 / 10) * 10),
-            "cpus": 2 if kind != "cpu" else 1,  # the job's torch threads (images decode in the main process)
+            "cpus": 2 if kind != "cpu" else 1,  # the job's torch threads
             "gpu": 1 if kind in ("model", "sae") else 0}
 
 
@@ -209,6 +211,8 @@ def requests(cfg: dict, rules: list[str], shapes) -> dict[str, dict]:
     for rule in rules:
         kind = rule_kind(rule)
         derived = request(estimate(rule, cfg, *shapes), kind) if shapes else {}
+        if rule.startswith("cache_activations"):  # and its image-decoding DataLoader workers
+            derived["cpus"] = 2 + cfg["cache"]["loader_workers"]
         out[rule] = {**FALLBACK[kind], **derived, **table.get(kind, {}), **table.get(rule, {})}
     return out
 

@@ -32,15 +32,16 @@ for _gid, _group in enumerate(layer_groups()):
             heldout=[directory(cache_path(layer)) for layer in _group],
             train=[train_cache_output(layer) for layer in _group],
         params:
-            p=params_json("data", "model", "prompts", "cache", "seed"),
+            p=cache_params(),
             layers=" ".join(map(str, _group)),
         log:
             f"{LOGS}/cache_activations_g{_gid}.log",
         threads: 2
         resources:
             **job_resources(f"cache_activations_g{_gid}"),
+            loader_workers=config["cache"]["loader_workers"],  # how fast it decodes, not what it writes
         conda:
             ENV
         shell:
             "stagediff cache --params {params.p:q} --device {resources.device} --layers {params.layers}"
-            " --out {output.heldout} --train-out {output.train} --log {log}"
+            " --workers {resources.loader_workers} --out {output.heldout} --train-out {output.train} --log {log}"

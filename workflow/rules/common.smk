@@ -71,6 +71,14 @@ def params_json(*keys, **extra):
     return lambda wildcards: text
 
 
+def cache_params():
+    """A cache job's params: the data, model and prompts, and the cache keys that decide what it
+    writes; not those that decide how fast, where or for how long (workers, groups, disk)."""
+    run_only = ("loader_workers", "layer_groups", "keep_train", "disk_budget_gb", "train_groups_at_once")
+    return params_json("data", "model", "prompts", "seed",
+                       cache={k: v for k, v in config["cache"].items() if k not in run_only})
+
+
 def layer_groups():
     return config["cache"]["layer_groups"] or [LAYERS]
 

@@ -97,13 +97,39 @@ def token_masks(batch: dict, model) -> tuple[torch.Tensor, torch.Tensor]:
     return image, text
 
 
-def iter_batches(processor, items: list[Item], batch_size: int):
-    """Encoded prompt batches (question, generation prompt, the item's prefill; right padding)."""
-    for i in range(0, len(items), batch_size):
-        part = items[i : i + batch_size]
-        b = encode_batch(processor, [load_image(it.image_path) for it in part],
-                         [chat_prompt(processor, it.user_text) + it.prefill for it in part])
-        yield part, b
+class _Batches(torch.utils.data.Dataset):
+    """Batch ``i`` of ``items``, images decoded and prompts encoded (what a DataLoader worker does).
+    An unreadable image comes back as its error, raised by the caller: a worker's own re-raise
+    would bury the file's name under "Caught OSError in DataLoader worker process 0"."""
+
+    def __init__(self, processor, items: list[Item], batch_size: int):
+        self.processor, self.items, self.batch_size = processor, items, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.items) // self.batch_size)
+
+    def __getitem__(self, i: int):
+        part = self.items[i * self.batch_size : (i + 1) * self.batch_size]
+        try:
+            images = [load_image(it.image_path) for it in part]
+        except OSError as e:
+            return e
+        return encode_batch(self.processor, images, [chat_prompt(self.processor, it.user_text) + it.prefill
+                                                     for it in part])
+
+
+def iter_batches(processor, items: list[Item], batch_size: int, workers: int = 0):
+    """Encoded prompt batches (question, generation prompt, the item's prefill; right padding), in
+    order. ``workers``: processes that decode and encode the next batches while the model runs
+    (torch's DataLoader, two batches ahead each; 0: in this process). The batches are the same."""
+    batches = _Batches(processor, items, batch_size)
+    if workers:
+        batches = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers, prefetch_factor=2,
+                                              pin_memory=torch.cuda.is_available())
+    for i, b in enumerate(batches):
+        if isinstance(b, Exception):
+            raise b
+        yield items[i * batch_size : (i + 1) * batch_size], b
 
 
 def to_model(batch: dict, model) -> dict:
