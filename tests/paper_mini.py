@@ -488,7 +488,7 @@ SIZE_OVERRIDES = {
     "model": {"n_layers": N_LAYERS},
     "evaluate_vlm": {"n": 12, "batch_size": 4, "max_new_tokens": 4},
     "cache": {"splits": {"train": 24, "val": 24}, "batch_size": 4, "chunk_rows": 64, "chunks_per_shard": 4,
-              "layer_groups": [[2]]},
+              "layer_groups": [[2]], "sample_shards": 3, "loader_workers": 1},  # N-GPU cache: 3 jobs (the first only val)
     "sae_finetune": {"tokens": 4096, "batch_size": 256, "buffer_tokens": 2048, "checkpoint_every": 4,
                      "log_every": 4, "curve_eval_tokens": 512, "dead_tokens": 2048},
     "autointerp": {"pool": {"vqa": 24, "vsr": 8}},

@@ -12,8 +12,8 @@ import pytest
 import torch
 import zarr
 
-from stagediff.cache import (META, MARKER, ActivationStore, LayerStoreWriter, _DropBehind, cache_activations,
-                             stored_tensor, to_storage)
+from stagediff.cache import (META, MARKER, ActivationStore, LayerStoreWriter, StoreDamaged, _DropBehind,
+                             cache_activations, stored_tensor, to_storage)
 from stagediff.capture import capture_residuals
 from stagediff.data.items import vqa_items
 from stagediff.models.vlm import decoder_layers, load_vlm
@@ -247,3 +247,43 @@ def test_the_cache_with_loader_workers_writes_the_same_store(world, tmp_path):
     cache_activations(model, processor, items, [1], outs, CFG, {"model": "tiny", "dtype": "float32"}, workers=2)
     for m in ("text", "image"):
         assert torch.equal(ActivationStore(outs[1]).acts(m), ActivationStore(plain).acts(m))
+
+
+def test_sample_shards_divide_the_train_items_in_order_and_balance_the_jobs():
+    from stagediff.data.shards import train_share
+
+    for n_train, n_heldout, parts in ((10, 4, 3), (50_000, 5_000, 4), (3, 10, 4), (7, 0, 1)):
+        shares = [train_share(n_train, n_heldout, parts, k) for k in range(parts)]
+        assert [i for s in shares for i in range(n_train)[s]] == list(range(n_train))  # all, once, in order
+        jobs = [s.stop - s.start + (n_heldout if k == 0 else 0) for k, s in enumerate(shares)]
+        if n_heldout <= (n_train + n_heldout) / parts:  # part 0 can take its held-out samples and still balance
+            assert max(jobs) - min(jobs) <= 1, (n_train, n_heldout, parts, jobs)
+
+
+def test_train_parts_read_as_the_one_store_a_single_job_writes(world, tmp_path):
+    """Two sample-shard jobs' train parts, read through StoreParts, hold the rows of one job's train
+    store in the same order; a read across the parts' boundary is cut at it."""
+    from stagediff.cache import StoreParts
+    from stagediff.data.items import shard_items
+
+    _, model, processor, items = world  # 10 train items
+    attrs = {"model": "tiny", "dtype": "float32", "config_hash": "h"}
+    cache_activations(model, processor, items, [1], {}, CFG, attrs, {1: tmp_path / "whole.zarr"})
+    parts = [tmp_path / f"part{k}.zarr" for k in range(2)]
+    for k, path in enumerate(parts):
+        cache_activations(model, processor, shard_items(items, 2, k), [1], {}, CFG, attrs, {1: path})
+    whole, joined = ActivationStore(tmp_path / "whole.zarr"), StoreParts(parts)
+    assert ActivationStore(parts[0]).n_tokens("image") == 5 * model.config.image_seq_length
+    for m in ("text", "image"):
+        n = whole.n_tokens(m)
+        assert joined.n_tokens(m) == n and joined.split_rows(m, "train") == whole.split_rows(m, "train") == (0, n)
+        assert torch.allclose(joined.stored(m), whole.stored(m), atol=1e-6)
+        cut = ActivationStore(parts[0]).n_tokens(m)
+        out = torch.empty(6, whole.array(m).shape[1])
+        joined.read_into(m, cut - 3, out)  # 3 rows from each part
+        assert torch.equal(out, joined.stored(m, cut - 3, cut + 3))
+        assert torch.allclose(out, whole.stored(m, cut - 3, cut + 3), atol=1e-6)
+    other = tmp_path / "other.zarr"
+    cache_activations(model, processor, items[:2], [1], {}, CFG, {**attrs, "config_hash": "x"}, {1: other})
+    with pytest.raises(StoreDamaged, match="cached with other settings"):
+        StoreParts([parts[0], other])

@@ -38,7 +38,9 @@ def test_paper_plan_counts_the_full_dag_and_the_cache_size(tmp_path):
     jobs = p["jobs"]
     # per layer: one job trains full, image and random on one read (sae_finetune.shared_read), one the text SAE
     assert jobs["sae_finetune_shared"] == 32 and jobs["sae_finetune"] == 32 and jobs["convert_llava"] == 1 and jobs["neutral"] == 1
-    assert sorted(k for k in jobs if k.startswith("cache_activations_g")) == ["cache_activations_g0"]  # all layers
+    # one layer group (all layers), cached by 4 sample-shard jobs (cache.sample_shards: 4 GPUs at once)
+    assert sorted(k for k in jobs if k.startswith("cache_activations_g")) == [
+        "cache_activations_g0", "cache_activations_g0_p1", "cache_activations_g0_p2", "cache_activations_g0_p3"]
     assert all(jobs[rule] == 32 for rule in PER_LAYER), {r: jobs.get(r) for r in PER_LAYER}
     train = p["disk"]["train"]  # 50k VQAv2 questions, 576 image + 20 text tokens, bf16
     assert train["samples"] == 50_000
@@ -49,8 +51,9 @@ def test_paper_plan_counts_the_full_dag_and_the_cache_size(tmp_path):
 
 def test_paper_plan_model_loads_cache_passes_and_memory_by_hand(tmp_path):
     p = plan(_paper_config(tmp_path))
-    # by hand: convert 1, cache 1 (all layers), vlm_accuracy 1, visual_tokens 1, neutral 1, study_layer 32
-    assert p["model_loads"] == 1 + 1 + 1 + 1 + 1 + 32
+    # by hand: convert 1, cache 4 (all layers, 4 sample shards), vlm_accuracy 1, visual_tokens 1,
+    # neutral 1, study_layer 32
+    assert p["model_loads"] == 1 + 4 + 1 + 1 + 1 + 32
     assert p["cache_passes"] == 1.0
     val = p["disk"]["val"]["all_tokens_gb"]
     assert p["disk_kept_gb"] == pytest.approx(32 * val)  # train stores are deleted (cache.keep_train false)
@@ -71,7 +74,7 @@ def test_layer_groups_cost_cache_passes(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     p = plan(path)
     assert p["cache_passes"] == pytest.approx((8 + 16 + 24 + 32) / 32)  # each group stops at its deepest layer
-    assert p["model_loads"] == 37 + 3
+    assert p["model_loads"] == 40 + 3 * 4  # 3 more groups of 4 sample-shard jobs
 
 
 def test_a_config_resources_entry_overrides_the_derived_request(tmp_path):
@@ -88,13 +91,12 @@ def test_plan_cli_prints_the_table(tmp_path, capsys):
     main(["plan", str(_paper_config(tmp_path)), "--gpu-mem", "141"])
     out = capsys.readouterr().out
     assert "sae_finetune_shared" in out and "GB all tokens" in out and "GPU memory 141 GB" in out
-    assert "model loads: 37" in out
+    assert "model loads: 40" in out
 
 
 def test_paper_plan_bounds_and_flop_floor_by_hand(tmp_path):
     p = plan(_paper_config(tmp_path))
     ft, shared = p["rules"]["sae_finetune"], p["rules"]["sae_finetune_shared"]
-    cache = p["rules"]["cache_activations_g0"]
     # SAE fine-tuning, by hand: the dense encoder x3 (forward, two backward products) = 3 x 2 x 30M
     # tokens x 4096 x 32768 FLOPs at TF32 x 0.5 per SAE, against reads at 1 GB/s: full, image and
     # random train on one read of their 30M-token budget (x 4096 x 2 B), so their job is bound by its
@@ -109,10 +111,14 @@ def test_paper_plan_bounds_and_flop_floor_by_hand(tmp_path):
     assert ft["gpu_hours"] == pytest.approx(32 * max(compute, text / 1e9) / 3600)
     total, floor = sum(p["gpu_hours"].values()), sum(p["floor_hours"].values())
     assert total / floor <= 1.5  # the target for the paper config
-    # the cache writes 55k samples x (576 + 20) tokens x 4096 x 2 B for each of 32 layers
+    # the cache writes 55k samples x (576 + 20) tokens x 4096 x 2 B for each of 32 layers, a quarter
+    # per sample-shard job: part 0 the 5k held-out samples and 8,750 train ones, the others 13,750 each
     written = 55_000 * 596 * 4096 * 2 * 32
-    assert cache["bound"] == "write" and cache["written_gb"] == pytest.approx(written / 1e9)
-    assert cache["gpu_hours"] == pytest.approx(written / 1e9 / 3600) and cache["gpu_hours"] > cache["floor_hours"]
+    shards = [p["rules"][r] for r in ("cache_activations_g0", "cache_activations_g0_p1", "cache_activations_g0_p2",
+                                      "cache_activations_g0_p3")]
+    for job in shards:
+        assert job["bound"] == "write" and job["written_gb"] == pytest.approx(written / 4 / 1e9)
+        assert job["gpu_hours"] == pytest.approx(written / 4 / 1e9 / 3600) and job["gpu_hours"] > job["floor_hours"]
     assert p["rules"]["autointerp_describe"]["bound"] == "API" and p["rules"]["study_layer"]["bound"] == "compute"
 
 

@@ -79,7 +79,7 @@ def test_a_nan_in_a_shard_stops_the_sae_job_naming_store_and_rows(world):
     with pytest.raises(StoreDamaged, match=r"non-finite activation in image rows \[0, 5\) \(first at row 0\)"):
         damaged.acts("image", 0, 5)
     with pytest.raises(StoreDamaged, match=re.escape(str(store.path))):
-        finetune_saes(store.path, store.path, tmp / "base", ["image"], 0, [tmp / "out"], tmp / "ck", CFG, seed=0)
+        finetune_saes([store.path], store.path, tmp / "base", ["image"], 0, [tmp / "out"], tmp / "ck", CFG, seed=0)
     assert not (tmp / "out").exists() and not list(tmp.glob(".out.tmp-*"))
 
 
@@ -136,14 +136,14 @@ def test_a_non_finite_loss_stops_training_before_anything_is_written(world):
     save_llama_scope(bad, tmp / "bad", layer=0, lm_config={}, threshold=0.0)
     with pytest.raises(FloatingPointError, match=r"full SAE L0: non-finite loss at step 0 \(epoch 0, buffer 0, "
                                                  r"batch 0; the buffer holds train rows (text|image)\["):
-        finetune_saes(store.path, store.path, tmp / "bad", ["full"], 0, [tmp / "out"], tmp / "ck", CFG, seed=0)
+        finetune_saes([store.path], store.path, tmp / "bad", ["full"], 0, [tmp / "out"], tmp / "ck", CFG, seed=0)
     assert not (tmp / "out").exists() and not (tmp / "ck" / ft.CHECKPOINT).exists()
 
 
 def test_a_checkpoint_that_does_not_load_falls_back_to_the_one_before(world, monkeypatch, caplog):
     caplog.set_level(logging.INFO)
     tmp, store = world
-    finetune_saes(store.path, store.path, tmp / "base", ["text"], 0, [tmp / "whole"], tmp / "ck0", CFG, seed=0)
+    finetune_saes([store.path], store.path, tmp / "base", ["text"], 0, [tmp / "whole"], tmp / "ck0", CFG, seed=0)
     saves = []
     real_save = ft._save_checkpoint
 
@@ -155,11 +155,11 @@ def test_a_checkpoint_that_does_not_load_falls_back_to_the_one_before(world, mon
 
     monkeypatch.setattr(ft, "_save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        finetune_saes(store.path, store.path, tmp / "base", ["text"], 0, [tmp / "out"], tmp / "ck", CFG, seed=0)
+        finetune_saes([store.path], store.path, tmp / "base", ["text"], 0, [tmp / "out"], tmp / "ck", CFG, seed=0)
     monkeypatch.setattr(ft, "_save_checkpoint", real_save)
     ckpt = tmp / "ck" / ft.CHECKPOINT
     ckpt.write_bytes(ckpt.read_bytes()[:100])  # damaged on disk
-    finetune_saes(store.path, store.path, tmp / "base", ["text"], 0, [tmp / "out"], tmp / "ck", CFG, seed=0)
+    finetune_saes([store.path], store.path, tmp / "base", ["text"], 0, [tmp / "out"], tmp / "ck", CFG, seed=0)
     assert "does not load" in caplog.text and f"resuming text L0 at step {saves[0]}/" in caplog.text
     for name, w in load_sae(tmp / "whole").state_dict().items():
         assert torch.equal(load_sae(tmp / "out").state_dict()[name], w), name
@@ -251,7 +251,7 @@ def test_a_base_sae_of_another_width_is_named(world):
     save_llama_scope(wide, tmp / "wide", layer=0, lm_config={}, threshold=0.0)
     with pytest.raises(ValueError, match=re.escape(f"base SAE {tmp / 'wide'} has d_model {2 * D}, but {store.path} "
                                                    f"holds {D}-wide")):
-        finetune_saes(store.path, store.path, tmp / "wide", ["text"], 0, [tmp / "out"], tmp / "ck", CFG, seed=0)
+        finetune_saes([store.path], store.path, tmp / "wide", ["text"], 0, [tmp / "out"], tmp / "ck", CFG, seed=0)
 
 
 def test_a_base_sae_release_of_another_width_is_refused_before_anything_runs(tmp_path):

@@ -100,7 +100,7 @@ def test_a_split_that_fits_one_buffer_is_read_once_with_the_batches_of_a_reread(
 def test_regimes_warm_start_and_random_init(world):
     tmp, store = world
     for regime in ("text", "random"):
-        finetune_saes(store.path, store.path, tmp / "base", [regime], 0, [tmp / regime], tmp / f"ck_{regime}", CFG, seed=0)
+        finetune_saes([store.path], store.path, tmp / "base", [regime], 0, [tmp / regime], tmp / f"ck_{regime}", CFG, seed=0)
         meta = json.loads((tmp / regime / "cfg.json").read_text())
         curve = pd.read_parquet(tmp / regime / "curve.parquet")
         assert list(curve.columns) == ["step", "tokens_seen", "loss", "fvu", "l0", "dead_fraction"]
@@ -120,7 +120,7 @@ def test_regimes_warm_start_and_random_init(world):
 def test_layer_scaled_learning_rate(world):
     tmp, store = world
     cfg = {**CFG, "tokens": 64 * 2, "lr_layer_scale": {"0": 0.25}}
-    finetune_saes(store.path, store.path, tmp / "base", ["full"], 0, [tmp / "out"], tmp / "ck", cfg, seed=0)
+    finetune_saes([store.path], store.path, tmp / "base", ["full"], 0, [tmp / "out"], tmp / "ck", cfg, seed=0)
     assert json.loads((tmp / "out" / "cfg.json").read_text())["lr"] == pytest.approx(2.5e-4)
 
 
@@ -162,8 +162,8 @@ def test_labelled_batches_say_which_rows_are_which_modality(world):
 def test_one_read_trains_three_regimes_each_on_its_rows(world):
     tmp, store = world
     cfg = {**CFG, "tokens": 64 * 12}
-    finetune_saes(store.path, store.path, tmp / "base", SHARED, 0, [tmp / r for r in SHARED], tmp / "ck", cfg, 0)
-    finetune_saes(store.path, store.path, tmp / "base", ["full"], 0, [tmp / "alone"], tmp / "ck1", cfg, 0)
+    finetune_saes([store.path], store.path, tmp / "base", SHARED, 0, [tmp / r for r in SHARED], tmp / "ck", cfg, 0)
+    finetune_saes([store.path], store.path, tmp / "base", ["full"], 0, [tmp / "alone"], tmp / "ck1", cfg, 0)
     # sharing the read changes nothing for the regime it is seeded by: the same batches, the same SAE
     for name, w in load_sae(tmp / "alone").state_dict().items():
         assert torch.equal(load_sae(tmp / "full").state_dict()[name], w), name
@@ -206,10 +206,10 @@ def test_sigkill_then_rerun_ends_with_the_same_weights(world):
 def test_checkpoint_of_other_settings_is_not_resumed(world, caplog):
     tmp, store = world
     cfg = {**CFG, "tokens": 64 * 12}
-    finetune_saes(store.path, store.path, tmp / "base", ["full"], 0, [tmp / "a"], tmp / "ck", {**cfg, "checkpoint_every": 5}, 0)
+    finetune_saes([store.path], store.path, tmp / "base", ["full"], 0, [tmp / "a"], tmp / "ck", {**cfg, "checkpoint_every": 5}, 0)
     (tmp / "ck").mkdir()
     torch.save({"fingerprint": "other", "step": 5}, tmp / "ck" / "state.pt")
-    finetune_saes(store.path, store.path, tmp / "base", ["full"], 0, [tmp / "b"], tmp / "ck", {**cfg, "checkpoint_every": 5}, 0)
+    finetune_saes([store.path], store.path, tmp / "base", ["full"], 0, [tmp / "b"], tmp / "ck", {**cfg, "checkpoint_every": 5}, 0)
     assert "other settings" in caplog.text
     assert torch.equal(load_sae(tmp / "a").W_dec, load_sae(tmp / "b").W_dec)
 
@@ -218,7 +218,7 @@ def test_saelens_export_gives_the_same_encodings(world):
     import sae_lens  # a test extra (envs/requirements-test.txt)
 
     tmp, store = world
-    finetune_saes(store.path, store.path, tmp / "base", ["image"], 0, [tmp / "img"], tmp / "ck", {**CFG, "tokens": 64 * 5}, 0)
+    finetune_saes([store.path], store.path, tmp / "base", ["image"], 0, [tmp / "img"], tmp / "ck", {**CFG, "tokens": 64 * 5}, 0)
     ours = load_sae(tmp / "img")
     theirs = sae_lens.SAE.load_from_disk(tmp / "img" / "saelens")
     x = store.acts("image", 0, 200)

@@ -120,7 +120,7 @@ def test_end_to_end_then_only_the_changed_layer_is_stale(workdir, monkeypatch):
     def stale_after(edit) -> set[str]:
         return conftest.stale_after(".test/config.yaml", workdir, edit)
 
-    caches = {f"results/tiny/activations/vqav2/L{layer}{s}.zarr" for layer in (0, 1) for s in ("", "_train")}
+    caches = {f"results/tiny/activations/vqav2/L{layer}{s}.zarr" for layer in (0, 1) for s in ("", "_train/part0")}
     saes = {f"results/tiny/saes/L{layer}/{r}" for layer in (0, 1) for r in ("full", "image", "text", "random")}
     everything = set(summary(workdir))
     assert stale_after(lambda c: c.update(device="auto")) == set()  # where a job runs is not what it computes

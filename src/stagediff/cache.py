@@ -223,11 +223,12 @@ def cache_activations(model, processor, items: list[Item], layers: list[int], ou
 
     ``train_outputs``: stores of their own for the train split's rows (91 % of the paper world's
     bytes, read only by SAE training, so the workflow can delete them once that is done); None:
-    every split goes to ``outputs``. The train split is cached first, then the held-out splits,
+    every split goes to ``outputs``. Empty ``outputs``: only train rows are cached (a sample
+    shard's job other than the first). The train split is cached first, then the held-out splits,
     so only one set of shard buffers is alive at a time. ``workers``: DataLoader processes that
     decode and encode the images off the model's path (a speed knob: the stores are the same).
     """
-    sets = [(outputs, [it for it in items if train_outputs is None or it.split != "train"])]
+    sets = [(outputs, [it for it in items if train_outputs is None or it.split != "train"])] if outputs else []
     if train_outputs is not None:
         sets.insert(0, (train_outputs, [it for it in items if it.split == "train"]))
     with contextlib.ExitStack() as stack:  # all layer stores appear together, or none does
@@ -373,6 +374,9 @@ class ActivationStore:
     def n_tokens(self, modality: str) -> int:
         return self.array(modality).shape[0]
 
+    def chunk_rows(self, modality: str) -> int:
+        return self.array(modality).chunks[0]
+
     def check_width(self, d_model: int, what: str) -> None:
         """Refuse an SAE (``what``: which, and its file) whose d_model is not this store's width."""
         width = self.array("image").shape[1]
@@ -410,3 +414,60 @@ class ActivationStore:
         if stop - start != len(where):
             raise RuntimeError(f"{self.path}: {modality} rows of split {split!r} are not contiguous")
         return start, stop
+
+
+class StoreParts:
+    """One layer's train split as cached by ``cache.sample_shards`` jobs, one part store each, read
+    as one store: rows in part order. What the SAE stream reads (``split_rows``, ``read_into``,
+    ``stored``, ``check_finite``); a row range across two parts is read from each. The parts must
+    come from the same cache settings (their ``config_hash``) and have the same width."""
+
+    def __init__(self, paths: list[str | Path]):
+        self.parts = [ActivationStore(p) for p in paths]
+        first = self.parts[0]
+        for part in self.parts[1:]:
+            if part.attrs.get("config_hash") != first.attrs.get("config_hash"):
+                raise StoreDamaged(f"{part.path}: cached with other settings than {first.path}; rerun the cache")
+            part.check_width(first.array("image").shape[1], f"the part store {first.path}")
+        self.path = Path(paths[0]).parent if len(paths) > 1 else first.path
+        self.attrs = first.attrs
+        self._starts = {m: np.cumsum([0] + [p.n_tokens(m) for p in self.parts]) for m in MODALITIES}
+
+    def n_tokens(self, modality: str) -> int:
+        return int(self._starts[modality][-1])
+
+    def chunk_rows(self, modality: str) -> int:
+        return self.parts[0].chunk_rows(modality)
+
+    def check_width(self, d_model: int, what: str) -> None:
+        self.parts[0].check_width(d_model, what)
+
+    def _pieces(self, modality: str, start: int, stop: int):
+        """(part, its start, its stop, offset into the range) of the parts rows [start, stop) span."""
+        starts = self._starts[modality]
+        for i, part in enumerate(self.parts):
+            lo, hi = max(start, int(starts[i])), min(stop, int(starts[i + 1]))
+            if lo < hi:
+                yield part, lo - int(starts[i]), hi - int(starts[i]), lo - start
+
+    def split_rows(self, modality: str, split: str) -> tuple[int, int]:
+        rows = [(int(s) + a, int(s) + b) for part, s in zip(self.parts, self._starts[modality])
+                for a, b in [part.split_rows(modality, split)] if b > a]
+        if not rows:
+            return 0, 0
+        if any(prev[1] != nxt[0] for prev, nxt in zip(rows, rows[1:])):
+            raise RuntimeError(f"{self.path}: {modality} rows of split {split!r} are not contiguous over its parts")
+        return rows[0][0], rows[-1][1]
+
+    def read_into(self, modality: str, start: int, out: torch.Tensor) -> None:
+        for part, lo, hi, at in self._pieces(modality, start, start + len(out)):
+            part.read_into(modality, lo, out[at : at + hi - lo])
+
+    def stored(self, modality: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        stop = self.n_tokens(modality) if stop is None else stop
+        return torch.cat([part.stored(modality, lo, hi) for part, lo, hi, _ in self._pieces(modality, start, stop)])
+
+    def check_finite(self, t: torch.Tensor, modality: str, start: int) -> torch.Tensor:
+        for part, lo, hi, at in self._pieces(modality, start, start + len(t)):
+            part.check_finite(t[at : at + hi - lo], modality, lo)
+        return t

@@ -127,29 +127,32 @@ def cmd_vlm_accuracy(a) -> None:
 
 def cmd_cache(a) -> None:
     from stagediff.cache import cache_activations, config_hash
-    from stagediff.data.items import vqa_items
+    from stagediff.data.items import shard_items, vqa_items
 
     p = _params(a.params)
-    _same_length(a, "layers", "out", *(["train_out"] if a.train_out else []))
+    if (a.part == 0) != bool(a.out):
+        raise ValueError("stagediff cache: --out (the held-out stores) goes with --part 0, and only with it")
+    _same_length(a, "layers", *(["out"] if a.out else []), *(["train_out"] if a.train_out else []))
     c = p["cache"]
     model, processor = _world(p, a.device)
     # question families are not cached (stages that need them read them from the questions), so
     # editing a keyword list never reruns the cache
     items = [it for split, n in c["splits"].items() if n
              for it in vqa_items(p["data"], split, p["prompts"], {}, n, p["seed"])]
+    items = shard_items(items, c["sample_shards"], a.part)
     attrs = {"model": p["model"]["vlm"], "dataset": c["dataset"], "dtype": c["dtype"],
              "hook": "decoder block output (resid_post)", "config_hash": config_hash(p),
-             "d_model": model.config.text_config.hidden_size}
+             "d_model": model.config.text_config.hidden_size, "part": a.part, "parts": c["sample_shards"]}
     train = dict(zip(a.layers, map(Path, a.train_out))) if a.train_out else None
-    cache_activations(model, processor, items, a.layers, dict(zip(a.layers, map(Path, a.out))), c, attrs, train,
-                      a.workers)
+    cache_activations(model, processor, items, a.layers, dict(zip(a.layers, map(Path, a.out or []))), c, attrs,
+                      train, a.workers)
 
 
 def cmd_sae_finetune(a) -> None:
     from stagediff.sae.finetune import finetune_saes
 
     p = _params(a.params)
-    finetune_saes(a.cache, a.heldout or a.cache, a.base_sae, p["sae_finetune"]["regimes"], a.layer, a.out,
+    finetune_saes(a.cache, a.heldout or a.cache[0], a.base_sae, p["sae_finetune"]["regimes"], a.layer, a.out,
                   a.checkpoint_dir, p["sae_finetune"], p["seed"], _sae_device(a), a.read_ahead)
 
 
@@ -475,12 +478,14 @@ COMMANDS = {
                      ["--params", DEVICE, "--out"]),
     "cache": (cmd_cache, "cache residual activations of a layer group to Zarr (one forward)",
               ["--params", DEVICE, ("--layers", {"type": int, "nargs": "+", "required": True}),
-               ("--out", {"nargs": "+", "required": True, "help": "one store path per layer, same order"}),
+               ("--out", {"nargs": "+", "help": "one store path per layer, same order (part 0 only)"}),
                ("--train-out", {"nargs": "+", "help": "the train split's stores, one per layer (default: in --out)"}),
+               ("--part", {"type": int, "default": 0, "help": "which of cache.sample_shards this job caches"}),
                ("--workers", {"type": int, "default": 0, "help": "image decoding processes (DataLoader workers)"})]),
     "sae-finetune": (cmd_sae_finetune, "warm-start (or randomly init) one layer's SAEs, one per regime of "
                      "sae_finetune.regimes, trained together on one read of the layer",
-                     ["--params", DEVICE, "--cache",
+                     ["--params", DEVICE, ("--cache", {"nargs": "+", "required": True,
+                                                       "help": "the layer's train store, or its parts"}),
                       ("--heldout", {"help": "the store with the val split (default: --cache)"}), "--base-sae",
                       ("--layer", {"type": int, "required": True}), "--checkpoint-dir",
                       ("--read-ahead", {"type": int, "default": 4, "help": "cache reads in flight"}),

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 from stagediff import config as sdc
+from stagediff.data.shards import train_share
 
 GB = 1e9
 MARGIN = 1.3  # request = estimate x this (allocator fragmentation, Python, libraries)
@@ -89,9 +90,9 @@ def model_flops(rule: str, cfg: dict, arch, seq: int, features: int | None = Non
     L, c = arch.n_layers, cfg["cache"]
     fwd = lambda n, blocks=L: forward_flops(arch, n, blocks, seq)  # noqa: E731
     if rule.startswith("cache_activations"):
-        g = int(rule.rsplit("_g", 1)[1])
+        g, part = cache_job(rule)
         groups = c["layer_groups"] or [cfg["layers"]]
-        return fwd(sum(c["splits"].values()), max(groups[g]) + 1)
+        return fwd(cache_job_samples(cfg, part), max(groups[g]) + 1)
     if rule == "vlm_accuracy":
         n = cfg["evaluate_vlm"]["n"] or c["splits"].get("val", 0)
         return 2 * fwd(n) * cfg["evaluate_vlm"]["max_new_tokens"] / 2  # prefill dominates; decode ~half a pass each
@@ -109,6 +110,21 @@ def model_flops(rule: str, cfg: dict, arch, seq: int, features: int | None = Non
         n_sets = 5 + 2 * len(v["k"])  # object, +1, +2, register, random_matched, int_gradients_k, random_k
         return fwd(v["n_images"] * (3 * (n_sets + 2) + 3 * v["ig_steps"] + 1 + 6 * len(v["windows"])))
     return 0.0
+
+
+def cache_job(rule: str) -> tuple[int, int]:
+    """(layer group, sample shard) of a cache rule: ``cache_activations_g<group>[_p<shard>]``."""
+    g, _, part = rule.removeprefix("cache_activations_g").partition("_p")
+    return int(g), int(part or 0)
+
+
+def cache_job_samples(cfg: dict, part: int) -> int:
+    """Samples one cache job forwards: its share of the train split, and in part 0 the held-out ones."""
+    c = cfg["cache"]
+    n_train = c["splits"].get("train", 0)
+    n_heldout = sum(c["splits"].values()) - n_train
+    share = train_share(n_train, n_heldout, c["sample_shards"], part)
+    return share.stop - share.start + (n_heldout if part == 0 else 0)
 
 
 def finetune_read_bytes(cfg: dict, arch, regimes: list[str]) -> float:
@@ -145,7 +161,7 @@ def estimate(rule: str, cfg: dict, arch, d_sae: int, seq: int, regime: str | Non
             group = max(len(g) for g in (c["layer_groups"] or [cfg["layers"]]))
             host += group * 2 * c["chunk_rows"] * c["chunks_per_shard"] * arch.d_model * BYTES[c["dtype"]]
             host += c["loader_workers"] * WORKER_HOST  # forked DataLoader workers (their own pages only)
-            written = sum(c["splits"].values()) * seq * arch.d_model * BYTES[c["dtype"]] * group
+            written = cache_job_samples(cfg, cache_job(rule)[1]) * seq * arch.d_model * BYTES[c["dtype"]] * group
         return Estimate(host, gpu, compute, written=written)
     if kind == "sae":
         s, sae = cfg["sae_finetune"], sae_bytes(arch, d_sae)

@@ -88,15 +88,27 @@ def cache_path(layer):
     return f"{OUT}/activations/{config['cache']['dataset']}/L{layer}.zarr"
 
 
-def train_cache_path(layer):
-    """The layer's train store: read by its SAE trainings only, deleted after them unless
-    `cache.keep_train` (then rerunning one layer's SAEs needs no new cache pass)."""
-    return f"{OUT}/activations/{config['cache']['dataset']}/L{layer}_train.zarr"
+def train_cache_path(layer, part):
+    """A part of the layer's train store (one per `cache.sample_shards` job): read by its SAE
+    trainings only, deleted after them unless `cache.keep_train` (then rerunning one layer's SAEs
+    needs no new cache pass)."""
+    return f"{OUT}/activations/{config['cache']['dataset']}/L{layer}_train/part{part}.zarr"
 
 
-def train_cache_output(layer):
-    out = directory(train_cache_path(layer))
+def train_cache_paths(layer):
+    return [train_cache_path(layer, k) for k in range(config["cache"]["sample_shards"])]
+
+
+def train_cache_output(layer, part):
+    out = directory(train_cache_path(layer, part))
     return out if config["cache"]["keep_train"] else temp(out)
+
+
+def cache_jobs():
+    """(name, layer group index, its layers, sample shard, held-out stores it writes) per cache job."""
+    return [(f"cache_activations_g{g}" + (f"_p{k}" if k else ""), g, layers, k,
+             [cache_path(layer) for layer in layers] if k == 0 else [])
+            for g, layers in enumerate(layer_groups()) for k in range(config["cache"]["sample_shards"])]
 
 
 def train_store_gate(group):
@@ -110,7 +122,7 @@ def train_store_gate(group):
 
 
 # A store whose marker is gone is absent, so its cache job reruns (a dry run shows it too).
-sdio.drop_unmarked([p(layer) for layer in LAYERS for p in (cache_path, train_cache_path)], "COMPLETE")
+sdio.drop_unmarked([p for layer in LAYERS for p in (cache_path(layer), *train_cache_paths(layer))], "COMPLETE")
 
 
 def sae_path(layer, regime):

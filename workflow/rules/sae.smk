@@ -9,7 +9,7 @@ for _name, _regimes, _output, _train in sae_finetune_jobs():
         name:
             _name
         input:
-            cache=train_cache_path("{layer}"),
+            cache=train_cache_paths("{layer}"),
             heldout=cache_path("{layer}"),
             base_sae=config["base_sae"]["path"],
         output:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stagediff.data.shards import train_share
 from stagediff.data.vqav2 import VQASample, load_vqav2, subsample
 from stagediff.data.vsr import load_vsr
 
@@ -80,3 +81,10 @@ def vsr_items(data: dict, split: str, prompts: dict, n: int | None = None, seed:
                         prompts["vsr"].format(caption=s.caption), ans, (ans,) * 10, "vsr", "yes/no", split,
                         s.relation))
     return out
+
+
+def shard_items(items: list[Item], parts: int, part: int) -> list[Item]:
+    """The items cache job ``part`` of ``parts`` caches: its ``train_share`` of the train items,
+    and in part 0 the held-out ones."""
+    train, heldout = [it for it in items if it.split == "train"], [it for it in items if it.split != "train"]
+    return train[train_share(len(train), len(heldout), parts, part)] + (heldout if part == 0 else [])

@@ -44,7 +44,7 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 
-from stagediff.cache import ActivationStore, config_hash
+from stagediff.cache import ActivationStore, StoreParts, config_hash
 from stagediff.device import place_sae
 from stagediff.io import atomic_dir, read_json, read_safetensors
 from stagediff.sae.llama_scope import load_llama_scope
@@ -67,7 +67,7 @@ def layer_lr(cfg: dict, layer: int) -> float:
 
 
 def initial_sae(base_sae: str | Path, regime: str, k: int, gen: torch.Generator,
-                first: torch.Tensor | None, device: torch.device, store: ActivationStore) -> TopKSAE:
+                first: torch.Tensor | None, device: torch.device, store: StoreParts) -> TopKSAE:
     base = load_llama_scope(base_sae, k=k, device=device)
     store.check_width(base.d_model, f"base SAE {base_sae}")
     if regime != "random":
@@ -123,12 +123,13 @@ class Run:
         self.sum_loss = torch.as_tensor(state["sum_loss"], dtype=torch.float64).to(device)
 
 
-def finetune_saes(store_path: str | Path, heldout_path: str | Path, base_sae: str | Path, regimes: list[str],
+def finetune_saes(train_paths: list[str | Path], heldout_path: str | Path, base_sae: str | Path, regimes: list[str],
                   layer: int, outs: list[str | Path], checkpoint_dir: str | Path, cfg: dict, seed: int,
                   device: torch.device | str = "cpu", read_ahead: int = 4) -> None:
-    """Trains one SAE per regime (to the matching ``outs`` folder) on the train split of
-    ``store_path``; the curves' FVU is on the val split of ``heldout_path`` (the same store, or the
-    layer's held-out store). Several regimes train in lockstep on one read of the layer: the same
+    """Trains one SAE per regime (to the matching ``outs`` folder) on the train split of the
+    stores ``train_paths`` (the layer's train store, or its parts, one per ``cache.sample_shards``
+    job, read as one); the curves' FVU is on the val split of ``heldout_path`` (the layer's
+    held-out store, or a train store that holds a val split too). Several regimes train in lockstep on one read of the layer: the same
     batches, each regime's SAE on its modalities' rows of them (``sae_finetune.shared_read``; at
     paper scale each step's batch is read once instead of once per regime). ``device``: where the
     SAEs train (float32; the stream's buffer lives there, in bf16, when it fits). ``read_ahead``:
@@ -139,7 +140,7 @@ def finetune_saes(store_path: str | Path, heldout_path: str | Path, base_sae: st
     # the stream reads the modalities of all its regimes, seeded as the first one alone would be
     modalities = tuple(m for m in ("text", "image") if any(m in REGIMES[r] for r in regimes))
     seed_everything(seed)
-    store = ActivationStore(store_path)
+    store = StoreParts(train_paths)
     device = torch.device(device)
     stream = TokenStream(store, modalities, cfg["batch_size"], cfg["buffer_tokens"],
                          seed=(seed, layer, REGIME_SEEDS[regimes[0]]), device=device,
@@ -200,7 +201,7 @@ def finetune_saes(store_path: str | Path, heldout_path: str | Path, base_sae: st
             _save_checkpoint(ckpt, {"step": step + 1, "runs": {run.regime: run.state() for run in runs},
                                     "fingerprint": fingerprint})
     for run in runs:
-        _write_sae(run, layer, base_sae, store_path, store, lr, seed, fingerprint)
+        _write_sae(run, layer, base_sae, train_paths, store, lr, seed, fingerprint)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     with contextlib.suppress(OSError):  # and the per-layer folders above it, once empty
         os.removedirs(Path(checkpoint_dir).parent)
@@ -221,10 +222,10 @@ def _train_step(run: Run, x: torch.Tensor, step: int, n_tokens: int) -> None:
     run.first_bad = torch.where((run.first_bad < 0) & ~torch.isfinite(loss.detach()), step, run.first_bad)
 
 
-def _write_sae(run: Run, layer: int, base_sae, store_path, store: ActivationStore, lr: float, seed: int,
+def _write_sae(run: Run, layer: int, base_sae, train_paths, store: StoreParts, lr: float, seed: int,
                fingerprint: str) -> None:
     sae = run.sae
-    meta = {"layer": layer, "regime": run.regime, "base_sae": str(base_sae), "store": str(store_path),
+    meta = {"layer": layer, "regime": run.regime, "base_sae": str(base_sae), "store": [str(p) for p in train_paths],
             "d_model": sae.d_model, "d_sae": sae.d_sae, "top_k": sae.k, "scale": float(sae.scale),
             "dataset_average_activation_norm": math.sqrt(sae.d_model) / float(sae.scale),
             "rank_by_decoder_norm": sae.rank_by_decoder_norm, "tokens": run.seen, "lr": lr,

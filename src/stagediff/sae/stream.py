@@ -33,7 +33,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from stagediff.cache import ActivationStore, first_nonfinite_row
+from stagediff.cache import ActivationStore, StoreParts, first_nonfinite_row
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def split_blocks(store: ActivationStore, modalities: tuple[str, ...], split: str
     out = []
     for m in modalities:
         lo, hi = store.split_rows(m, split)
-        rows = store.array(m).chunks[0] * read_chunks
+        rows = store.chunk_rows(m) * read_chunks
         out += [Block(m, s, min(s + rows, hi)) for s in range(lo, hi, rows)]
     if not out:
         raise RuntimeError(f"{store.path}: no {'/'.join(modalities)} tokens in split {split!r}")
@@ -72,13 +72,13 @@ def buffer_device(nbytes: int, device: torch.device) -> torch.device:
 
 
 class TokenStream:
-    def __init__(self, store: ActivationStore, modalities: tuple[str, ...], batch_size: int,
+    def __init__(self, store: ActivationStore | StoreParts, modalities: tuple[str, ...], batch_size: int,
                  buffer_tokens: int, seed: tuple[int, ...], split: str = "train",
                  device: torch.device | str = "cpu", read_chunks: int = 1, read_ahead: int = 4):
         self.store, self.batch_size, self.device = store, batch_size, torch.device(device)
         self.read_ahead, self.modalities = read_ahead, tuple(modalities)
         self.blocks = split_blocks(store, modalities, split, read_chunks)
-        block_rows = store.array(modalities[0]).chunks[0] * read_chunks
+        block_rows = store.chunk_rows(modalities[0]) * read_chunks
         self.n_tokens = sum(b.stop - b.start for b in self.blocks)
         self.blocks_per_buffer = max(1, math.ceil(buffer_tokens / block_rows))
         self.buffer_rows = min(self.n_tokens, self.blocks_per_buffer * block_rows)
