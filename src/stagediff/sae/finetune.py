@@ -129,11 +129,13 @@ def finetune_saes(train_paths: list[str | Path], heldout_path: str | Path, base_
     """Trains one SAE per regime (to the matching ``outs`` folder) on the train split of the
     stores ``train_paths`` (the layer's train store, or its parts, one per ``cache.sample_shards``
     job, read as one); the curves' FVU is on the val split of ``heldout_path`` (the layer's
-    held-out store, or a train store that holds a val split too). Several regimes train in lockstep on one read of the layer: the same
-    batches, each regime's SAE on its modalities' rows of them (``sae_finetune.shared_read``; at
-    paper scale each step's batch is read once instead of once per regime). ``device``: where the
-    SAEs train (float32; the stream's buffer lives there, in bf16, when it fits). ``read_ahead``:
-    reads in flight (a speed knob: results do not depend on it)."""
+    held-out store, or a train store that holds a val split too).
+
+    Several regimes train in lockstep on one read of the layer: the same batches, each regime's
+    SAE on its modalities' rows of them (``sae_finetune.shared_read``; at paper scale each batch
+    is read once instead of once per regime). ``device``: where the SAEs train (float32; the
+    stream's buffer lives there, in bf16, when it fits; loss and latent clocks stay there, read
+    at log steps only). ``read_ahead``: reads in flight (a speed knob: results do not depend on it)."""
     for regime in regimes:
         if regime not in REGIMES:
             raise ValueError(f"unknown regime {regime!r}; expected one of {list(REGIMES)}")
