@@ -17,7 +17,7 @@ install: $(BIN)/.installed
 
 demo: install
 	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
-	$(BIN)/python -c "import pandas as pd; print(pd.read_parquet('results/toy/tables/vlm_accuracy.parquet').to_string(index=False))"
+	$(BIN)/stagediff demo-summary results/toy/tables
 
 test: install
 	$(BIN)/python -m pytest -q -n $(CORES) tests

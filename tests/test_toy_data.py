@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import numpy as np
 import yaml
 
 from stagediff.data import toy_scenes as ts
@@ -192,3 +193,41 @@ def test_a_config_that_reuses_a_subtype_without_split_images_is_refused():
 
     with pytest.raises(ConfigError, match="data.vqav2.split_images"):
         _check_shared_subtypes({"subtypes": {"train": "train2014", "val": "val2014", "test": "val2014"}}, "cfg")
+
+
+def test_lm_drift_of_an_untuned_vlm_is_none_and_of_the_tuned_one_is_measured(tiny_world, tmp_path):
+    """A VLM built around the base LM, before any tuning, has the base LM's residuals on text
+    (ratio 1, cosine 1): what the table measures is the tuning, not the VLM wrapper."""
+    from stagediff.models.drift import lm_drift
+    from stagediff.models.toy_vlm import build_vlm
+
+    root = Path(tiny_world["toy"]["root"])
+    model, processor = build_vlm(root / "base_lm", tiny_world["toy"]["vlm"], tiny_world["toy"]["data"]["image_size"])
+    model.save_pretrained(tmp_path / "untuned")
+    processor.save_pretrained(tmp_path / "untuned")
+    lines = (root / "data" / "corpus.txt").read_text().splitlines()[:8]
+    same = lm_drift(root / "base_lm", tmp_path / "untuned", lines, [0, 1])
+    assert list(same.columns) == ["layer", "n_tokens", "base_norm", "vlm_norm", "norm_ratio", "cosine"]
+    assert np.allclose(same.norm_ratio, 1.0, atol=1e-5) and np.allclose(same.cosine, 1.0, atol=1e-5)
+    tuned = lm_drift(root / "base_lm", root / "vlm", lines, [0, 1])
+    # the tiny world tunes a few steps: a small drift, but one the table sees
+    assert (tuned.vlm_norm != same.vlm_norm).all() and (tuned.base_norm == same.base_norm).all()
+    assert (tuned.n_tokens == same.n_tokens).all() and (tuned.n_tokens > 8).all()
+
+
+def test_demo_summary_says_whether_spatial_and_vsr_clear_the_bar_and_the_drift(tmp_path, capsys):
+    import pandas as pd
+
+    from stagediff.cli import main
+
+    acc = pd.DataFrame({"family": ["general", "spatial", "ocr", "vsr"], "n": [10] * 4,
+                        "accuracy": [1.0, 0.9, 0.8, 0.5], "vqa_accuracy": [1.0] * 4, "majority_baseline": [0.5] * 4})
+    acc.to_parquet(tmp_path / "vlm_accuracy.parquet")
+    main(["demo-summary", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "spatial 0.900, VSR 0.500: below 0.85" in out and "LM drift" not in out
+    acc.assign(accuracy=[1.0, 0.9, 0.8, 0.86]).to_parquet(tmp_path / "vlm_accuracy.parquet")
+    pd.DataFrame({"layer": [0, 1], "norm_ratio": [1.2, 3.1]}).to_parquet(tmp_path / "toy_drift.parquet")
+    main(["demo-summary", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "VSR 0.860: both clear 0.85" in out and "at most 3.10x (layer 1): above 2x" in out

@@ -72,6 +72,8 @@ def test_end_to_end_then_only_the_changed_layer_is_stale(workdir, monkeypatch):
     knock = pd.read_parquet(res / "tables" / "visual_knockout.parquet")
     assert len(knock) == 6 * 3 and set(knock.window) == {"early", "late", "all"}
     assert (res / "figures" / "visual" / "neo_logit_lens_fraction.png").stat().st_size > 0
+    drift = pd.read_parquet(res / "tables" / "toy_drift.parquet")  # the LM vs its base, text only
+    assert drift.layer.tolist() == [0, 1] and (drift.norm_ratio > 0).all() and drift.cosine.between(-1, 1).all()
     pd.testing.assert_frame_equal(load_table("ablation", ".test/config.yaml", workdir), ablation)
     assert {"adapted_features", "shift", "visual_knockout"} <= set(list_tables(".test/config.yaml", workdir))
     with pytest.raises(FileNotFoundError, match="the run has: ablation"):
@@ -129,7 +131,8 @@ def test_end_to_end_then_only_the_changed_layer_is_stale(workdir, monkeypatch):
     resized = stale_after(lambda c: c["cache"]["splits"].update(val=5))
     world = {f for f in everything if f.startswith("results/tiny/world")}
     untouched = world | {"results/tiny/tables/vlm_accuracy.parquet", "results/tiny/patching/mean_visual_embedding"
-                         ".safetensors", "results/tiny/figures/visual", "results/tiny/visual/logit_lens_maps.json"}
+                         ".safetensors", "results/tiny/figures/visual", "results/tiny/visual/logit_lens_maps.json",
+                         "results/tiny/tables/toy_drift.parquet"}
     untouched |= {f"results/tiny/tables/visual_{t}.parquet" for t in ("token_ablation", "logit_lens", "knockout")}
     assert resized == everything - untouched  # everything that reads the cache, nothing that does not
     top_k = stale_after(lambda c: c["sae_finetune"].update(top_k=2))

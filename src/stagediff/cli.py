@@ -97,6 +97,20 @@ def cmd_toy_vlm(a) -> None:
     train_toy_vlm(a.base_lm, p["data"], p["prompts"], a.out, p["vlm"], p["image_size"], p["seed"])
 
 
+def cmd_toy_drift(a) -> None:
+    from stagediff.io import write_parquet
+    from stagediff.models.drift import lm_drift
+
+    lines = [x for x in Path(a.corpus).read_text().splitlines() if x.strip()][: a.lines]
+    write_parquet(lm_drift(a.base_lm, a.vlm, lines, a.layers), a.out)
+
+
+def cmd_demo_summary(a) -> None:
+    from stagediff.summary import demo_summary
+
+    print(demo_summary(a.tables))
+
+
 def cmd_plan(a) -> None:
     from stagediff.plan import plan, render
 
@@ -467,6 +481,11 @@ COMMANDS = {
                      ["--params", "--data", "--base-lm", ("--layer", {"type": int, "required": True}), "--out"]),
     "toy-vlm": (cmd_toy_vlm, "visual-instruction-tune the toy LLaVA from the base LM",
                 ["--params", "--base-lm", "--out"]),
+    "toy-drift": (cmd_toy_drift, "the toy VLM's LM vs its base LM on text only: residual norms, ratio, cosine",
+                  ["--base-lm", "--vlm", "--corpus", ("--lines", {"type": int, "default": 64}),
+                   ("--layers", {"type": int, "nargs": "+", "required": True}), "--out"]),
+    "demo-summary": (cmd_demo_summary, "the VLM's accuracy table and the demo's verdict (spatial/VSR bar, LM drift)",
+                     [("tables", {"help": "a run's tables folder, e.g. results/toy/tables"})]),
     "plan": (cmd_plan, "per rule: jobs, memory vs request, GPU-hours; model loads, cache passes, disk",
              [("config", {}), ("--gpu-mem", {"type": float, "default": 80.0, "help": "GPU memory in GB"}),
               ("--disk-gbps", {"type": float, "default": 1.0,

@@ -191,6 +191,7 @@ def all_targets():
     targets += [f"{OUT}/tables/autointerp.parquet", f"{OUT}/figures/autointerp"]
     targets += [f"{OUT}/tables/head_scores.parquet", f"{OUT}/figures/patching", f"{OUT}/tables/ablation.parquet"]
     targets += [f"{OUT}/figures/visual"]
+    targets += [f"{OUT}/tables/toy_drift.parquet"] if TOY else []
     return targets + per_layer_outputs()
 
 

@@ -75,3 +75,23 @@ if TOY:
             ENV
         shell:
             "stagediff toy-vlm --params {params.p:q} --base-lm {input.base_lm} --out {output} --log {log}"
+
+    rule toy_drift:
+        input:
+            data=rules.toy_data.output[0],
+            base_lm=rules.toy_base_lm.output[0],
+            vlm=rules.toy_vlm.output[0],
+        output:
+            report(f"{OUT}/tables/toy_drift.parquet", caption="../report/toy_drift.rst", category="VLM"),
+        params:
+            lines=config["toy"]["drift_lines"],
+            layers=" ".join(map(str, LAYERS)),
+        log:
+            f"{LOGS}/toy_drift.log",
+        resources:
+            **job_resources("toy_drift"),
+        conda:
+            ENV
+        shell:
+            "stagediff toy-drift --base-lm {input.base_lm} --vlm {input.vlm} --corpus {input.data}/corpus.txt"
+            " --lines {params.lines} --layers {params.layers} --out {output} --log {log}"
