@@ -429,7 +429,8 @@ class StoreParts:
             if part.attrs.get("config_hash") != first.attrs.get("config_hash"):
                 raise StoreDamaged(f"{part.path}: cached with other settings than {first.path}; rerun the cache")
             part.check_width(first.array("image").shape[1], f"the part store {first.path}")
-        self.path = Path(paths[0]).parent if len(paths) > 1 else first.path
+        # in messages: the parts' folder (a local path or an fsspec URL), or the one store
+        self.path = str(first.path).rsplit("/", 1)[0] if len(paths) > 1 else first.path
         self.attrs = first.attrs
         self._starts = {m: np.cumsum([0] + [p.n_tokens(m) for p in self.parts]) for m in MODALITIES}
 

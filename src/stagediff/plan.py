@@ -191,17 +191,17 @@ def plan(config_file: str | Path, gpu_mem_gb: float = 80.0, disk_gbps: float = r
     n_layers, at_once = len(cfg["layers"]), c["train_groups_at_once"]
     # train stores that can exist at once: all (kept, or no gate), or the largest m groups' (the gate)
     train_layers = n_layers if c["keep_train"] or not at_once else sum(sorted(map(len, groups))[-at_once:])
+    heldout_gb = (layer_gb - train_gb) * n_layers  # every layer's held-out store: kept to the end
     return {"jobs": jobs, "rules": rules, "disk": disk, "arch": arch, "d_sae": d_sae, "gpu_mem_gb": gpu_mem_gb,
             "disk_gbps": disk_gbps,
             "model_loads": sum(n for rule, n in jobs.items() if rule == "convert_llava" or res.rule_kind(rule) == "model"),
             "cache_passes": sum(max(g) + 1 for g in groups) / arch.n_layers,
             "disk_total_gb": layer_gb * n_layers,
-            "disk_peak_gb": (layer_gb - train_gb) * n_layers + train_gb * train_layers,
+            "disk_peak_gb": heldout_gb + train_gb * train_layers,
             "train_layers_at_once": train_layers, "train_groups_at_once": at_once, "keep_train": c["keep_train"],
-            "disk_advice": _disk_advice(c["disk_budget_gb"], (layer_gb - train_gb) * n_layers, train_gb,
-                                        max(map(len, groups)), c["keep_train"]),
-            "disk_kept_gb": len(cfg["layers"]) * sum(d["all_tokens_gb"] for s, d in disk.items()
-                                                     if s != "train" or c["keep_train"]),
+            "disk_advice": _disk_advice(c["disk_budget_gb"], heldout_gb, train_gb, max(map(len, groups)),
+                                        c["keep_train"]),
+            "disk_kept_gb": heldout_gb + (train_gb * n_layers if c["keep_train"] else 0.0),
             "disk_budget_gb": c["disk_budget_gb"], "gpu_hours": {k: v["gpu_hours"] for k, v in rules.items()},
             "floor_hours": {k: v["floor_hours"] for k, v in rules.items()}}
 

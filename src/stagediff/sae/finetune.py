@@ -30,6 +30,7 @@ checkpoint step (no host round trip per step).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -149,27 +150,31 @@ def finetune_saes(train_paths: list[str | Path], heldout_path: str | Path, base_
                          read_chunks=cfg["read_chunks"], read_ahead=read_ahead)
     steps = cfg["tokens"] // cfg["batch_size"]
     lr = layer_lr(cfg, layer)
+    fingerprint = config_hash({"cfg": cfg, "seed": seed, "layer": layer, "regimes": list(regimes),
+                               "base": str(base_sae), "store": store.attrs.get("config_hash")})
+    ckpt = Path(checkpoint_dir) / CHECKPOINT
+    state = _load_checkpoint(Path(checkpoint_dir), fingerprint)
+    start = 0 if state is None else state["step"]
+    batches = stream.batches(start, labelled=True)
+    first = None
+    if "random" in regimes:  # its decoder bias starts at the first batch's mean (a resume restores it)
+        first = next(batches)
+        batches = itertools.chain([first], batches)
     held = ActivationStore(heldout_path)
     runs = []
     for regime, out in zip(regimes, outs, strict=True):
         # its own seed stream: a random init must not repeat the base SAE's (seeded by seed + layer)
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence((seed, layer, REGIME_SEEDS[regime]))
                                                 .generate_state(1)[0]))
-        sae = initial_sae(base_sae, regime, cfg["top_k"], gen,
-                          next(stream.batches(0)) if regime == "random" else None, device, store)
+        sae = initial_sae(base_sae, regime, cfg["top_k"], gen, first[0] if regime == "random" else None, device,
+                          store)
         zeros = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
         runs.append(Run(regime, sae, torch.optim.Adam(sae.parameters(), lr=lr, betas=tuple(cfg["betas"]), fused=True),
                         list(heldout_batches(held, REGIMES[regime], cfg["curve_eval_tokens"], device)), Path(out),
                         zeros, zeros.clone(), torch.zeros((), dtype=torch.float64, device=device),
                         torch.full((), -1, dtype=torch.long, device=device)))
     what = f"{'+'.join(regimes)} L{layer}"
-    fingerprint = config_hash({"cfg": cfg, "seed": seed, "layer": layer, "regimes": list(regimes),
-                               "base": str(base_sae), "store": store.attrs.get("config_hash")})
-    ckpt = Path(checkpoint_dir) / CHECKPOINT
-    state = _load_checkpoint(Path(checkpoint_dir), fingerprint)
-    start = 0
     if state is not None:
-        start = state["step"]
         for run in runs:
             run.restore(state["runs"][run.regime])
         log.info("resuming %s at step %d/%d (epoch, buffer, batch = %s)", what, start, steps, stream.position(start))
@@ -177,7 +182,6 @@ def finetune_saes(train_paths: list[str | Path], heldout_path: str | Path, base_
         if not run.curve:
             run.curve.append(_curve_row(run.sae, run.heldout, 0, float("nan"), run.last_fired, 0, cfg))
     t0 = time.time()
-    batches = stream.batches(start, labelled=True)
     for step in range(start, steps):
         x, rows = next(batches)
         for run in runs:
