@@ -18,11 +18,15 @@ from stagediff.capture import capture_residuals
 from stagediff.models.vlm import load_vlm
 
 
-@torch.no_grad()
 def lm_drift(base_lm: str | Path, vlm: str | Path, lines: list[str], layers: list[int]) -> pd.DataFrame:
     tokenizer = AutoTokenizer.from_pretrained(base_lm)
     base = LlamaForCausalLM.from_pretrained(base_lm, use_safetensors=True).eval()
-    adapted, _ = load_vlm(vlm)
+    return drift_table(base, load_vlm(vlm)[0], tokenizer, lines, layers)
+
+
+@torch.no_grad()
+def drift_table(base, adapted, tokenizer, lines: list[str], layers: list[int]) -> pd.DataFrame:
+    """``lm_drift`` on models already loaded (``adapted`` a VLM or a causal LM, in eval mode)."""
     sums = {L: torch.zeros(3, dtype=torch.float64) for L in layers}  # base norm, VLM norm, cosine
     n = 0
     for line in lines:

@@ -179,8 +179,13 @@ def caption_items(data: dict, user_text: str) -> list[Item]:
                  (a["caption"],), "caption", "other", "train") for a in doc["annotations"]]
 
 
-def train_toy_vlm(base_lm: str | Path, data: dict, prompts: dict, out: str | Path,
-                  cfg: dict, image_size: int, seed: int) -> None:
+def train_toy_vlm(base_lm: str | Path, data: dict, prompts: dict, out: str | Path | None,
+                  cfg: dict, image_size: int, seed: int, probe=None, probe_every: int = 0):
+    """Train and write the toy VLM to ``out``; returns the model and processor.
+
+    ``probe(model, processor, stage, step)`` is called along grounding and instruction tuning
+    (every ``probe_every`` steps); ``out=None`` writes nothing (``benchmarks/toy_vlm_probe.py``).
+    """
     seed_everything(seed)
     model, processor = build_vlm(base_lm, cfg, image_size)
     captions = []  # encoded only when a stage reads them
@@ -201,6 +206,8 @@ def train_toy_vlm(base_lm: str | Path, data: dict, prompts: dict, out: str | Pat
         return batch
 
     lrs = {"model.language_model": cfg["lm_lr"], "lm_head": cfg["lm_lr"]}
+    probing = {"probe": (lambda stage, step: probe(model, processor, stage, step)) if probe else None,
+               "probe_every": probe_every}
     pixels = pretrain_vision(model, processor, data, cfg, image_size, gen)
     init_projector(model, pixels[: 4 * cfg["batch_size"]])
     # As LLaVA: the vision tower stays frozen after its pretraining (tuning it with the LM on
@@ -216,9 +223,11 @@ def train_toy_vlm(base_lm: str | Path, data: dict, prompts: dict, out: str | Pat
     # spatial questions at chance (README, "How the toy VLM learned spatial relations").
     if cfg["grounding_steps"]:
         train_loop(model, sampler(captions), steps=cfg["grounding_steps"], lr=cfg["lr"],
-                   name="toy_vlm grounding", param_lrs=lrs, loss_fn=item_mean_loss)
+                   name="toy_vlm grounding", param_lrs=lrs, loss_fn=item_mean_loss, **probing)
     train_loop(model, sampler(mix), steps=cfg["steps"], lr=cfg["lr"], name="toy_vlm instruction tuning",
-               param_lrs=lrs, loss_fn=item_mean_loss)
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+               param_lrs=lrs, loss_fn=item_mean_loss, **probing)
+    if out is not None:
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+    return model, processor

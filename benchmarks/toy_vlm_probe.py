@@ -1,0 +1,118 @@
+"""Where does the toy VLM's spatial skill fail: finding a named object, or comparing two?
+
+Trains the toy VLM (``stagediff.models.toy_vlm.train_toy_vlm``, the workflow's own code) on an
+existing toy world once per prompt layout, in parallel, and measures along grounding and
+instruction tuning, on the val split:
+
+- ``lookup``: grounded captions ("The red circle 1 2."), teacher-forced: the share of row and
+  column digits predicted right, i.e. how often the LM finds the named object's patch;
+- ``spatial``, ``vsr``, ``general``: greedy answers, as the workflow's accuracy table;
+- ``drift``: the largest residual-norm ratio VLM / base LM over layers on 64 corpus lines.
+
+Layouts: ``image_first`` is the config's prompts ("<image> {question}", LLaVA's usual order);
+``question_first`` moves the image after the text ("{question} <image>", the other order in
+LLaVA's instruction data).
+
+    python benchmarks/toy_vlm_probe.py [--layouts image_first question_first] [--steps 4000]
+
+Needs the toy world and base LM (``snakemake results/toy/world/base_lm``). 1 thread per layout.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from stagediff.config import validate
+from stagediff.data.items import vqa_items, vsr_items
+from stagediff.data.toy_world import IMAGE_PATTERN, SUBTYPES
+from stagediff.evaluate_vlm import accuracy_table, predict
+from stagediff.io import read_json
+from stagediff.models.drift import drift_table
+from stagediff.models.toy_vlm import train_toy_vlm
+from stagediff.models.vlm import chat_prompt, encode_batch, load_image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def layout_prompts(prompts: dict, layout: str) -> dict:
+    if layout == "image_first":
+        return prompts
+    if layout == "question_first":
+        return {k: t.replace("<image> ", "", 1) + " <image>" for k, t in prompts.items()}
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+@torch.no_grad()
+def lookup_accuracy(model, processor, captions: list[tuple[Path, str]], prompt: str) -> float:
+    """Teacher-forced digit accuracy on grounded captions (each digit is one object's row or column)."""
+    tok = processor.tokenizer
+    digits = torch.tensor(tok.convert_tokens_to_ids([str(i) for i in range(10)]))
+    b = encode_batch(processor, [load_image(p) for p, _ in captions],
+                     [chat_prompt(processor, prompt, c) for _, c in captions])
+    pred = model(**b).logits[:, :-1].argmax(-1)
+    target = b["input_ids"][:, 1:]
+    # only the answer's digits: positions after the generation prompt ("assistant :")
+    after = torch.cumsum(target == tok.convert_tokens_to_ids("assistant"), 1) > 0
+    hit = torch.isin(target, digits) & after
+    return ((pred == target) & hit).sum().item() / hit.sum().item()
+
+
+def run(layout: str, config: str, root: str, base_lm: str, steps: int | None, every: int) -> list[dict]:
+    torch.set_num_threads(1)
+    cfg = yaml.safe_load(Path(config).read_text())
+    cfg["toy"]["root"] = root
+    cfg = validate(cfg)
+    vlm = copy.deepcopy(cfg["toy"]["vlm"]) | ({"steps": steps} if steps else {})
+    data, prompts = cfg["data"], layout_prompts(cfg["prompts"], layout)
+    neutral = prompts["neutral"].format(prompt=read_json(Path(data["neutral_prompts"]))[0])
+    sub = SUBTYPES["val"]
+    doc = read_json(Path(data["coco"]["root"]) / f"captions_{sub}.json")
+    captions = [(Path(data["vqav2"]["images"]) / sub / IMAGE_PATTERN.format(subtype=sub, image_id=a["image_id"]),
+                 a["caption"]) for a in doc["annotations"][:200]]
+    items = (vqa_items(data, "val", prompts, cfg["question_splits"]) + vsr_items(data, "val", prompts))
+    tokenizer = AutoTokenizer.from_pretrained(base_lm)
+    base = LlamaForCausalLM.from_pretrained(base_lm, use_safetensors=True).eval()
+    lines = [x for x in (Path(root) / "data" / "corpus.txt").read_text().splitlines() if x.strip()][:64]
+    rows = []
+
+    def probe(model, processor, stage: str, step: int) -> None:
+        acc = accuracy_table(items, predict(model, processor, items, 64, 3)).set_index("family")["accuracy"]
+        drift = drift_table(base, model, tokenizer, lines, cfg["layers"])["norm_ratio"].max()
+        rows.append({"layout": layout, "stage": stage.removeprefix("toy_vlm "), "step": step,
+                     "lookup": lookup_accuracy(model, processor, captions, neutral), **acc.to_dict(),
+                     "drift": drift})
+        print(rows[-1], flush=True)
+
+    train_toy_vlm(base_lm, data, prompts, None, vlm, cfg["toy"]["data"]["image_size"], cfg["seed"],
+                  probe=probe, probe_every=every)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=str(REPO / "config" / "config.yaml"))
+    ap.add_argument("--root", default="results/toy/world", help="the toy world (data, base_lm) to train on")
+    ap.add_argument("--base-lm", help="default: <root>/base_lm")
+    ap.add_argument("--layouts", nargs="+", default=["image_first", "question_first"])
+    ap.add_argument("--steps", type=int, help="instruction-tuning steps (default: the config's)")
+    ap.add_argument("--every", type=int, default=1000)
+    a = ap.parse_args()
+    base_lm = a.base_lm or f"{a.root}/base_lm"
+    with ProcessPoolExecutor(len(a.layouts)) as pool:
+        futures = [pool.submit(run, lay, a.config, a.root, base_lm, a.steps, a.every) for lay in a.layouts]
+        rows = [r for f in futures for r in f.result()]
+    metrics = ["lookup", "spatial", "vsr", "general", "drift"]
+    table = pd.DataFrame(rows).pivot(index=["stage", "step"], columns="layout", values=metrics)
+    table = table.swaplevel(axis=1)[[(lay, m) for lay in a.layouts for m in metrics]]
+    print(table.round(3).to_string())
+
+
+if __name__ == "__main__":
+    main()
