@@ -1,0 +1,109 @@
+"""Which part of a spatial question can the toy LM shape learn from text alone?
+
+The toy VLM answers "Is the A left of the B?" only after a late, machine-dependent drop in its
+loss (BENCHMARKS.md, toy VLM on three seeds). This splits the question into its parts and trains
+a fresh LM of the base LM's shape (``toy.base_lm`` of the config) on each, text only, with a new
+random scene for every example (no data limit), answer-only loss. Prints val accuracy per task
+every ``--every`` steps, side by side:
+
+- ``question``: scene description + "Is the A <relation> the B?" -> yes/no (the whole task);
+- ``lookup``:   scene description + "the A ?" -> A's row digit (find a named object's position);
+- ``given``:    "Is the 1 2 <relation> the 0 3?" -> yes/no (the comparison, positions given).
+
+    python benchmarks/toy_text_tasks.py [--steps 1500] [--tasks question lookup given]
+
+Needs the toy base LM's tokenizer (``snakemake results/toy/world/base_lm``). 1 thread per task.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from transformers import AutoTokenizer
+
+from stagediff.data import toy_scenes as ts
+from stagediff.data.toy_world import _balanced_relation, _describe
+from stagediff.models.toy_lm import build_lm
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def example(task: str, rng: np.random.Generator, d: dict) -> tuple[str, str]:
+    objs = ts.sample_scene(rng, d["grid"], d["image_size"] // d["grid"], d["min_objects"], d["max_objects"], 0.0)
+    a, b, rel = _balanced_relation(rng, objs)
+    answer = "yes" if ts.relation_holds(a, b, rel) else "no"
+    if task == "question":
+        return f"{_describe(objs)} Is the {a.name} {ts.RELATION_PHRASES[rel]} the {b.name}?", answer
+    if task == "lookup":
+        return f"{_describe(objs)} the {a.name} ?", str(a.row)
+    if task == "given":
+        return f"Is the {a.row} {a.col} {ts.RELATION_PHRASES[rel]} the {b.row} {b.col}?", answer
+    raise ValueError(f"unknown task {task!r}")
+
+
+def curve(task: str, tok, cfg: dict, data: dict, steps: int, every: int, seed: int) -> dict[int, float]:
+    torch.manual_seed(seed)
+    model = build_lm(cfg, tok)
+
+    def enc(prompt: str, answer: str) -> tuple[list[int], list[int]]:
+        return ([tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"],
+                tok(answer, add_special_tokens=False)["input_ids"])
+
+    val_rng, rng = np.random.default_rng(seed + 1), np.random.default_rng(seed)
+    val = [enc(*example(task, val_rng, data)) for _ in range(600)]
+
+    def batch(ex):
+        n = max(len(p) + len(x) for p, x in ex)
+        ids = torch.full((len(ex), n), tok.pad_token_id)
+        labels = torch.full_like(ids, -100)
+        for r, (p, x) in enumerate(ex):
+            ids[r, : len(p) + len(x)] = torch.tensor(p + x)
+            labels[r, len(p) : len(p) + len(x)] = torch.tensor(x)
+        return ids, labels
+
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01, betas=(0.9, 0.98))
+    out = {}
+    for step in range(steps):  # the schedule of stagediff.models.train.train_loop
+        for g in opt.param_groups:
+            g["lr"] = cfg["lr"] * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        ids, labels = batch([enc(*example(task, rng, data)) for _ in range(cfg["batch_size"])])
+        loss = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(), labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % every == 0:
+            with torch.no_grad():
+                ids, _ = batch(val)
+                logits = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long()).logits
+                at = torch.tensor([len(p) - 1 for p, _ in val])
+                pred = logits[torch.arange(len(val)), at].argmax(-1)
+                out[step + 1] = (pred == torch.tensor([x[0] for _, x in val])).float().mean().item()
+            print(f"{task} step {step + 1}: val accuracy {out[step + 1]:.3f}", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=str(REPO / "config" / "config.yaml"))
+    ap.add_argument("--tokenizer", default="results/toy/world/base_lm")
+    ap.add_argument("--tasks", nargs="+", default=["question", "lookup", "given"])
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--every", type=int, default=250)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    toy = yaml.safe_load(Path(a.config).read_text())["toy"]
+    tok = AutoTokenizer.from_pretrained(a.tokenizer)
+    table = pd.DataFrame({t: curve(t, tok, toy["base_lm"], toy["data"], a.steps, a.every, a.seed) for t in a.tasks})
+    table.index.name = "step"
+    print(table.round(3).to_string())
+
+
+if __name__ == "__main__":
+    main()
