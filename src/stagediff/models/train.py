@@ -31,7 +31,7 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable[[int], dict], steps: i
                probe: Callable[[str, int], None] | None = None, probe_every: int = 0) -> list[float]:
     """Train ``model`` on ``batch_fn(step)`` (HF-style kwargs with ``labels``); returns losses.
 
-    ``probe(name, step)`` runs every ``probe_every`` steps and after the last one, the model in
+    ``probe(name, step)`` runs every ``probe_every`` steps (0: never) and after the last one, the model in
     eval mode (``benchmarks/toy_vlm_probe.py`` measures held-out accuracy along training with it).
 
     ``param_lrs`` maps a parameter-name prefix to its own learning rate, e.g. a smaller one for
@@ -64,7 +64,7 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable[[int], dict], steps: i
                                      f"nothing written")
         if step % max(1, steps // 10) == 0 or step == steps - 1:
             log.info("%s step %d/%d loss %.4f (%.1fs)", name, step + 1, steps, loss.item(), time.time() - t0)
-        if probe and ((step + 1) % probe_every == 0 or step == steps - 1):
+        if probe and ((probe_every and (step + 1) % probe_every == 0) or step == steps - 1):
             model.eval()
             probe(name, step + 1)
             model.train()
