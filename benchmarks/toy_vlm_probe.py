@@ -7,7 +7,7 @@ instruction tuning, on the val split:
 - ``lookup``: grounded captions ("The red circle 1 2."), teacher-forced: the share of row and
   column digits predicted right, i.e. how often the LM finds the named object's patch;
 - ``spatial``, ``vsr``, ``general``: greedy answers, as the workflow's accuracy table;
-- ``drift``: the largest residual-norm ratio VLM / base LM over layers on 64 corpus lines.
+- ``drift``: the largest residual-norm ratio VLM / base LM over layers on ``toy.drift_lines`` corpus lines.
 
 Layouts: ``image_first`` is the config's prompts ("<image> {question}", LLaVA's usual order);
 ``question_first`` moves the image after the text ("{question} <image>", the other order in
@@ -30,12 +30,11 @@ import yaml
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from stagediff.config import validate
-from stagediff.data.items import vqa_items, vsr_items
-from stagediff.data.toy_world import IMAGE_PATTERN, SUBTYPES
+from stagediff.data.items import Item, vqa_items, vsr_items
 from stagediff.evaluate_vlm import accuracy_table, predict
 from stagediff.io import read_json
-from stagediff.models.drift import drift_table
-from stagediff.models.toy_vlm import train_toy_vlm
+from stagediff.models.drift import corpus_lines, drift_table
+from stagediff.models.toy_vlm import caption_items, train_toy_vlm
 from stagediff.models.vlm import chat_prompt, encode_batch, load_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,12 +49,12 @@ def layout_prompts(prompts: dict, layout: str) -> dict:
 
 
 @torch.no_grad()
-def lookup_accuracy(model, processor, captions: list[tuple[Path, str]], prompt: str) -> float:
+def lookup_accuracy(model, processor, captions: list[Item]) -> float:
     """Teacher-forced digit accuracy on grounded captions (each digit is one object's row or column)."""
     tok = processor.tokenizer
     digits = torch.tensor(tok.convert_tokens_to_ids([str(i) for i in range(10)]))
-    b = encode_batch(processor, [load_image(p) for p, _ in captions],
-                     [chat_prompt(processor, prompt, c) for _, c in captions])
+    b = encode_batch(processor, [load_image(it.image_path) for it in captions],
+                     [chat_prompt(processor, it.user_text, it.answer) for it in captions])
     pred = model(**b).logits[:, :-1].argmax(-1)
     target = b["input_ids"][:, 1:]
     # only the answer's digits: positions after the generation prompt ("assistant :")
@@ -72,21 +71,18 @@ def run(layout: str, config: str, root: str, base_lm: str, steps: int | None, ev
     vlm = copy.deepcopy(cfg["toy"]["vlm"]) | ({"steps": steps} if steps else {})
     data, prompts = cfg["data"], layout_prompts(cfg["prompts"], layout)
     neutral = prompts["neutral"].format(prompt=read_json(Path(data["neutral_prompts"]))[0])
-    sub = SUBTYPES["val"]
-    doc = read_json(Path(data["coco"]["root"]) / f"captions_{sub}.json")
-    captions = [(Path(data["vqav2"]["images"]) / sub / IMAGE_PATTERN.format(subtype=sub, image_id=a["image_id"]),
-                 a["caption"]) for a in doc["annotations"][:200]]
+    captions = caption_items(data, neutral, "val")[:200]
     items = (vqa_items(data, "val", prompts, cfg["question_splits"]) + vsr_items(data, "val", prompts))
     tokenizer = AutoTokenizer.from_pretrained(base_lm)
     base = LlamaForCausalLM.from_pretrained(base_lm, use_safetensors=True).eval()
-    lines = [x for x in (Path(root) / "data" / "corpus.txt").read_text().splitlines() if x.strip()][:64]
+    lines = corpus_lines(Path(root) / "data" / "corpus.txt", cfg["toy"]["drift_lines"])
     rows = []
 
     def probe(model, processor, stage: str, step: int) -> None:
         acc = accuracy_table(items, predict(model, processor, items, 64, 3)).set_index("family")["accuracy"]
         drift = drift_table(base, model, tokenizer, lines, cfg["layers"])["norm_ratio"].max()
         rows.append({"layout": layout, "stage": stage.removeprefix("toy_vlm "), "step": step,
-                     "lookup": lookup_accuracy(model, processor, captions, neutral), **acc.to_dict(),
+                     "lookup": lookup_accuracy(model, processor, captions), **acc.to_dict(),
                      "drift": drift})
         print(rows[-1], flush=True)
 

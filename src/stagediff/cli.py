@@ -99,10 +99,9 @@ def cmd_toy_vlm(a) -> None:
 
 def cmd_toy_drift(a) -> None:
     from stagediff.io import write_parquet
-    from stagediff.models.drift import lm_drift
+    from stagediff.models.drift import corpus_lines, lm_drift
 
-    lines = [x for x in Path(a.corpus).read_text().splitlines() if x.strip()][: a.lines]
-    write_parquet(lm_drift(a.base_lm, a.vlm, lines, a.layers), a.out)
+    write_parquet(lm_drift(a.base_lm, a.vlm, corpus_lines(a.corpus, a.lines), a.layers), a.out)
 
 
 def cmd_demo_summary(a) -> None:

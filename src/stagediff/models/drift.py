@@ -18,6 +18,11 @@ from stagediff.capture import capture_residuals
 from stagediff.models.vlm import load_vlm
 
 
+def corpus_lines(corpus: str | Path, n: int) -> list[str]:
+    """The first ``n`` non-empty lines of the text-only corpus (``toy.drift_lines``)."""
+    return [x for x in Path(corpus).read_text().splitlines() if x.strip()][:n]
+
+
 def lm_drift(base_lm: str | Path, vlm: str | Path, lines: list[str], layers: list[int]) -> pd.DataFrame:
     tokenizer = AutoTokenizer.from_pretrained(base_lm)
     base = LlamaForCausalLM.from_pretrained(base_lm, use_safetensors=True).eval()

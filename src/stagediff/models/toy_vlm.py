@@ -105,9 +105,9 @@ def patch_labels(coco_file: str | Path, image_size: int, patch: int) -> tuple[di
     return labels, len(doc["categories"]) + 1 + len(words)
 
 
-def _train_image_path(data: dict, image_id: int) -> Path:
+def _image_path(data: dict, image_id: int, split: str = "train") -> Path:
     v = data["vqav2"]
-    subtype = v["subtypes"]["train"]
+    subtype = v["subtypes"][split]
     return Path(v["images"]) / subtype / v["image_pattern"].format(subtype=subtype, image_id=image_id)
 
 
@@ -121,7 +121,7 @@ def pretrain_vision(model, processor, data: dict, cfg: dict, image_size: int,
     labels, n_cls = patch_labels(Path(data["coco"]["root"]) / f"instances_{subtype}.json", image_size,
                                  cfg["vision"]["patch_size"])
     ids = sorted(labels)
-    pixels = processor.image_processor([load_image(_train_image_path(data, i)) for i in ids],
+    pixels = processor.image_processor([load_image(_image_path(data, i)) for i in ids],
                                        return_tensors="pt")["pixel_values"]
     y = torch.stack([labels[i] for i in ids])
     side = image_size // cfg["vision"]["patch_size"]
@@ -167,16 +167,17 @@ def init_projector(model, pixels: torch.Tensor) -> None:
     log.info("projector init: image token RMS %.4f = text embedding RMS", proj(h).pow(2).mean().sqrt())
 
 
-def caption_items(data: dict, user_text: str) -> list[Item]:
-    """COCO-captions-format training items: the neutral prompt answered by a positional caption.
+def caption_items(data: dict, user_text: str, split: str = "train") -> list[Item]:
+    """COCO-captions-format items (training, or held out for a probe): the neutral prompt
+    answered by a positional caption.
 
     As LLaVA's alignment data are captions: every object's row and column must be read from the
     patch the caption names, a dense grounding signal next to the ~1 bit of a yes/no answer.
     """
-    subtype = data["vqav2"]["subtypes"]["train"]
+    subtype = data["vqav2"]["subtypes"][split]
     doc = read_json(Path(data["coco"]["root"]) / f"captions_{subtype}.json")
-    return [Item(-a["image_id"], _train_image_path(data, a["image_id"]), user_text, a["caption"],
-                 (a["caption"],), "caption", "other", "train") for a in doc["annotations"]]
+    return [Item(-a["image_id"], _image_path(data, a["image_id"], split), user_text, a["caption"],
+                 (a["caption"],), "caption", "other", split) for a in doc["annotations"]]
 
 
 def train_toy_vlm(base_lm: str | Path, data: dict, prompts: dict, out: str | Path | None,
