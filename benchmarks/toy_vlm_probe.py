@@ -1,7 +1,7 @@
 """Where does the toy VLM's spatial skill fail: finding a named object, or comparing two?
 
 Trains the toy VLM (``stagediff.models.toy_vlm.train_toy_vlm``, the workflow's own code) on an
-existing toy world once per prompt layout, in parallel, and measures along grounding and
+existing toy world once per run (prompt layout × ``toy.vlm.text_every``), in parallel, and measures along grounding and
 instruction tuning, on the val split:
 
 - ``lookup``: grounded captions ("The red circle 1 2."), teacher-forced: the share of row and
@@ -13,9 +13,11 @@ Layouts: ``image_first`` is the config's prompts ("<image> {question}", LLaVA's 
 ``question_first`` moves the image after the text ("{question} <image>", the other order in
 LLaVA's instruction data).
 
-    python benchmarks/toy_vlm_probe.py [--layouts image_first question_first] [--steps 4000]
+    python benchmarks/toy_vlm_probe.py [--layouts image_first question_first] [--text-every 0 4] [--steps 4000]
 
-Needs the toy world and base LM (``snakemake results/toy/world/base_lm``). 1 thread per layout.
+One run per layout and ``toy.vlm.text_every`` value (every n-th batch text-only corpus lines; 0:
+none), all in parallel. Needs the toy world and base LM (``snakemake results/toy/world/base_lm``).
+1 thread per run.
 """
 from __future__ import annotations
 
@@ -63,31 +65,35 @@ def lookup_accuracy(model, processor, captions: list[Item]) -> float:
     return ((pred == target) & hit).sum().item() / hit.sum().item()
 
 
-def run(layout: str, config: str, root: str, base_lm: str, steps: int | None, every: int) -> list[dict]:
+def run(layout: str, text_every: int | None, config: str, root: str, base_lm: str, steps: int | None,
+        every: int) -> list[dict]:
     torch.set_num_threads(1)
     cfg = yaml.safe_load(Path(config).read_text())
     cfg["toy"]["root"] = root
     cfg = validate(cfg)
     vlm = copy.deepcopy(cfg["toy"]["vlm"]) | ({"steps": steps} if steps else {})
+    vlm["text_every"] = vlm["text_every"] if text_every is None else text_every
+    run_name = f"{layout}, text_every {vlm['text_every']}"
     data, prompts = cfg["data"], layout_prompts(cfg["prompts"], layout)
     neutral = prompts["neutral"].format(prompt=read_json(Path(data["neutral_prompts"]))[0])
     captions = caption_items(data, neutral, "val")[:200]
     items = (vqa_items(data, "val", prompts, cfg["question_splits"]) + vsr_items(data, "val", prompts))
     tokenizer = AutoTokenizer.from_pretrained(base_lm)
     base = LlamaForCausalLM.from_pretrained(base_lm, use_safetensors=True).eval()
-    lines = corpus_lines(Path(root) / "data" / "corpus.txt", cfg["toy"]["drift_lines"])
+    corpus = Path(root) / "data" / "corpus.txt"
+    lines = corpus_lines(corpus, cfg["toy"]["drift_lines"])
     rows = []
 
     def probe(model, processor, stage: str, step: int) -> None:
         acc = accuracy_table(items, predict(model, processor, items, 64, 3)).set_index("family")["accuracy"]
         drift = drift_table(base, model, tokenizer, lines, cfg["layers"])["norm_ratio"].max()
-        rows.append({"layout": layout, "stage": stage.removeprefix("toy_vlm "), "step": step,
+        rows.append({"run": run_name, "stage": stage.removeprefix("toy_vlm "), "step": step,
                      "lookup": lookup_accuracy(model, processor, captions), **acc.to_dict(),
                      "drift": drift})
         print(rows[-1], flush=True)
 
     train_toy_vlm(base_lm, data, prompts, None, vlm, cfg["toy"]["data"]["image_size"], cfg["seed"],
-                  probe=probe, probe_every=every)
+                  text=corpus_lines(corpus, cfg["toy"]["drift_lines"], rest=True), probe=probe, probe_every=every)
     return rows
 
 
@@ -97,17 +103,20 @@ def main() -> None:
     ap.add_argument("--root", default="results/toy/world", help="the toy world (data, base_lm) to train on")
     ap.add_argument("--base-lm", help="default: <root>/base_lm")
     ap.add_argument("--layouts", nargs="+", default=["image_first", "question_first"])
+    ap.add_argument("--text-every", type=int, nargs="+", default=[None],
+                    help="toy.vlm.text_every values to compare (default: the config's)")
     ap.add_argument("--steps", type=int, help="instruction-tuning steps (default: the config's)")
     ap.add_argument("--every", type=int, default=1000)
     a = ap.parse_args()
     base_lm = a.base_lm or f"{a.root}/base_lm"
-    with ProcessPoolExecutor(len(a.layouts)) as pool:
-        futures = [pool.submit(run, lay, a.config, a.root, base_lm, a.steps, a.every) for lay in a.layouts]
-        rows = [r for f in futures for r in f.result()]
+    runs = [(lay, te) for lay in a.layouts for te in a.text_every]
+    with ProcessPoolExecutor(len(runs)) as pool:
+        futures = [pool.submit(run, lay, te, a.config, a.root, base_lm, a.steps, a.every) for lay, te in runs]
+        results = [f.result() for f in futures]
     metrics = ["lookup", "spatial", "vsr", "general", "drift"]
-    table = pd.DataFrame(rows).pivot(index=["stage", "step"], columns="layout", values=metrics)
-    table = table.swaplevel(axis=1)[[(lay, m) for lay in a.layouts for m in metrics]]
-    print(table.round(3).to_string())
+    names = [r[0]["run"] for r in results]
+    table = pd.DataFrame([x for r in results for x in r]).pivot(index=["stage", "step"], columns="run", values=metrics)
+    print(table.swaplevel(axis=1)[[(n, m) for n in names for m in metrics]].round(3).to_string())
 
 
 if __name__ == "__main__":

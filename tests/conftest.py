@@ -86,6 +86,7 @@ def tiny_world(tmp_path_factory):
     """Tiny data, base LM and (untrained-length) VLM made by the same functions the rules call."""
     from stagediff import config as sdc
     from stagediff.data.toy_world import generate_toy_world
+    from stagediff.models.drift import corpus_lines
     from stagediff.models.toy_lm import train_base_lm
     from stagediff.models.toy_vlm import train_toy_vlm
 
@@ -96,8 +97,8 @@ def tiny_world(tmp_path_factory):
     t = cfg["toy"]
     generate_toy_world(root / "data", t["data"], cfg["seed"])
     train_base_lm(root / "data" / "corpus.txt", root / "base_lm", t["base_lm"], cfg["seed"])
-    train_toy_vlm(root / "base_lm", cfg["data"], cfg["prompts"], root / "vlm",
-                  t["vlm"], t["data"]["image_size"], cfg["seed"])
+    train_toy_vlm(root / "base_lm", cfg["data"], cfg["prompts"], root / "vlm", t["vlm"], t["data"]["image_size"],
+                  cfg["seed"], text=corpus_lines(root / "data" / "corpus.txt", t["drift_lines"], rest=True))
     return cfg
 
 

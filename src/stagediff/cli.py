@@ -91,10 +91,12 @@ def cmd_toy_base_sae(a) -> None:
 
 
 def cmd_toy_vlm(a) -> None:
+    from stagediff.models.drift import corpus_lines
     from stagediff.models.toy_vlm import train_toy_vlm
 
     p = _params(a.params)
-    train_toy_vlm(a.base_lm, p["data"], p["prompts"], a.out, p["vlm"], p["image_size"], p["seed"])
+    train_toy_vlm(a.base_lm, p["data"], p["prompts"], a.out, p["vlm"], p["image_size"], p["seed"],
+                  text=corpus_lines(a.corpus, p["drift_lines"], rest=True))
 
 
 def cmd_toy_drift(a) -> None:
@@ -479,7 +481,7 @@ COMMANDS = {
     "toy-base-sae": (cmd_toy_base_sae, "train one layer's base TopK SAE, Llama Scope layout",
                      ["--params", "--data", "--base-lm", ("--layer", {"type": int, "required": True}), "--out"]),
     "toy-vlm": (cmd_toy_vlm, "visual-instruction-tune the toy LLaVA from the base LM",
-                ["--params", "--base-lm", "--out"]),
+                ["--params", "--base-lm", "--corpus", "--out"]),
     "toy-drift": (cmd_toy_drift, "the toy VLM's LM vs its base LM on text only: residual norms, ratio, cosine",
                   ["--base-lm", "--vlm", "--corpus", ("--lines", {"type": int, "default": 64}),
                    ("--layers", {"type": int, "nargs": "+", "required": True}), "--out"]),

@@ -64,6 +64,7 @@ if TOY:
                 "prompts",
                 vlm=config["toy"]["vlm"],
                 image_size=config["toy"]["data"]["image_size"],
+                drift_lines=config["toy"]["drift_lines"],
                 seed=config["seed"],
             ),
         log:
@@ -74,7 +75,8 @@ if TOY:
         conda:
             ENV
         shell:
-            "stagediff toy-vlm --params {params.p:q} --base-lm {input.base_lm} --out {output} --log {log}"
+            "stagediff toy-vlm --params {params.p:q} --base-lm {input.base_lm} --corpus {input.data}/corpus.txt"
+            " --out {output} --log {log}"
 
     rule toy_drift:
         input:

@@ -51,24 +51,33 @@ def build_lm(cfg: dict, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
+def encode_lines(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> list[list[int]]:
+    """Token ids of each line, BOS + line + EOS: the base LM's training text."""
+    return [[tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"]
+            + [tokenizer.eos_token_id] for t in texts]
+
+
+def lm_batch(enc: list[list[int]], idx: list[int], pad_id: int) -> dict:
+    """Lines ``idx`` of ``enc`` right-padded, next-token labels on every real token."""
+    ids = torch.full((len(idx), max(len(enc[i]) for i in idx)), pad_id)
+    for r, i in enumerate(idx):
+        ids[r, : len(enc[i])] = torch.tensor(enc[i])
+    mask = ids != pad_id
+    return {"input_ids": ids, "attention_mask": mask.long(), "labels": ids.masked_fill(~mask, -100)}
+
+
 def train_base_lm(corpus: str | Path, out: str | Path, cfg: dict, seed: int) -> None:
     """Build the tokenizer on the corpus and train the LM on it (next-token loss, text only)."""
     seed_everything(seed)
     texts = [t for t in Path(corpus).read_text().splitlines() if t.strip()]
     tokenizer = build_tokenizer(texts + list(cfg.get("extra_texts", [])))
     model = build_lm(cfg, tokenizer)
-    enc = [[tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"]
-           + [tokenizer.eos_token_id] for t in texts]
+    enc = encode_lines(tokenizer, texts)
     gen = torch.Generator().manual_seed(seed)
 
     def batch(step: int) -> dict:
-        idx = torch.randint(len(enc), (cfg["batch_size"],), generator=gen).tolist()
-        n = max(len(enc[i]) for i in idx)
-        ids = torch.full((len(idx), n), tokenizer.pad_token_id)
-        for r, i in enumerate(idx):
-            ids[r, : len(enc[i])] = torch.tensor(enc[i])
-        mask = ids != tokenizer.pad_token_id
-        return {"input_ids": ids, "attention_mask": mask.long(), "labels": ids.masked_fill(~mask, -100)}
+        return lm_batch(enc, torch.randint(len(enc), (cfg["batch_size"],), generator=gen).tolist(),
+                        tokenizer.pad_token_id)
 
     train_loop(model, batch, steps=cfg["steps"], lr=cfg["lr"], name="base_lm")
     with atomic_dir(out) as tmp:

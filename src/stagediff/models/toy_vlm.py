@@ -9,6 +9,8 @@ Steps, as LLaVA but with the vision pretraining done here because no toy CLIP ex
    learns to look a named object up among the image tokens before anything asks it to compare two.
 4. visual instruction tuning: everything but the tower trains, the LM from the base LM's weights
    (which is what makes base-vs-adapted SAE diffing meaningful), on VQA, VSR and caption items.
+In 3 and 4 every ``text_every``-th batch is text only, base-LM corpus lines with the LM loss, as
+LLaVA-1.5 mixes text-only conversations into its instruction data.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from stagediff.data.items import Item, vqa_items, vsr_items
 from stagediff.data.toy_scenes import GLYPHS
 from stagediff.io import atomic_dir, read_json
+from stagediff.models.toy_lm import encode_lines, lm_batch
 from stagediff.models.train import item_mean_loss, train_loop
 from stagediff.models.vlm import chat_prompt, encode_batch, load_image
 from stagediff.seed import seed_everything
@@ -181,8 +184,12 @@ def caption_items(data: dict, user_text: str, split: str = "train") -> list[Item
 
 
 def train_toy_vlm(base_lm: str | Path, data: dict, prompts: dict, out: str | Path | None,
-                  cfg: dict, image_size: int, seed: int, probe=None, probe_every: int = 0):
+                  cfg: dict, image_size: int, seed: int, text: list[str] = (), probe=None,
+                  probe_every: int = 0):
     """Train and write the toy VLM to ``out``; returns the model and processor.
+
+    ``text``: the text-only lines behind ``cfg["text_every"]`` (the CLI passes the corpus lines the
+    drift table does not read, so the drift is measured on lines the VLM never trained on).
 
     ``probe(model, processor, stage, step)`` is called along grounding and instruction tuning
     (every ``probe_every`` steps); ``out=None`` writes nothing (``benchmarks/toy_vlm_probe.py``).
@@ -199,9 +206,15 @@ def train_toy_vlm(base_lm: str | Path, data: dict, prompts: dict, out: str | Pat
     log.info("visual instruction tuning on %d items", len(mix))
     gen = torch.Generator().manual_seed(seed)
     pad = processor.tokenizer.pad_token_id
+    every = cfg["text_every"]
+    if every and not text:
+        raise ValueError("toy.vlm.text_every is set but no text-only lines were given")
+    lines = encode_lines(processor.tokenizer, list(text)) if every else []
 
-    def sampler(pool: list[dict]):
+    def sampler(pool: list[dict], with_text: bool = True):
         def batch(step: int) -> dict:
+            if with_text and every and step % every == 0:
+                return lm_batch(lines, torch.randint(len(lines), (cfg["batch_size"],), generator=gen).tolist(), pad)
             idx = torch.randint(len(pool), (cfg["batch_size"],), generator=gen).tolist()
             return collate([pool[i] for i in idx], pad)
         return batch
@@ -215,7 +228,9 @@ def train_toy_vlm(base_lm: str | Path, data: dict, prompts: dict, out: str | Pat
     # ~1-bit answers erases the object identity it learned); stage 1 trains the projector only.
     for n, p in model.named_parameters():
         p.requires_grad_(n.startswith("model.multi_modal_projector"))
-    train_loop(model, sampler(mix), steps=cfg["align_steps"], lr=cfg["lr"], name="toy_vlm feature alignment",
+    # text-only batches give the projector no gradient: none while it trains alone
+    train_loop(model, sampler(mix, with_text=False), steps=cfg["align_steps"], lr=cfg["lr"],
+               name="toy_vlm feature alignment",
                loss_fn=item_mean_loss)
     for n, p in model.named_parameters():
         p.requires_grad_(not n.startswith("model.vision_tower"))
