@@ -32,7 +32,7 @@ def test_probe_runs_every_n_steps_and_after_the_last_in_eval_mode():
     assert seen[-1][3] < seen[0][3] < losses[0]  # the probe sees the model as trained so far
 
 
-def test_text_only_batches_train_the_lm_and_leave_the_projector(tiny_world, tmp_path):
+def test_text_only_batches_train_the_lm_and_leave_the_projector(tiny_world):
     """``toy.vlm.text_every: 1``: grounding and instruction tuning see corpus lines only, so from the
     end of grounding on the LM moves and the projector (no gradient from text) does not; the
     lines are the corpus minus the drift table's."""

@@ -230,8 +230,7 @@ def train_toy_vlm(base_lm: str | Path, data: dict, prompts: dict, out: str | Pat
         p.requires_grad_(n.startswith("model.multi_modal_projector"))
     # text-only batches give the projector no gradient: none while it trains alone
     train_loop(model, sampler(mix, with_text=False), steps=cfg["align_steps"], lr=cfg["lr"],
-               name="toy_vlm feature alignment",
-               loss_fn=item_mean_loss)
+               name="toy_vlm feature alignment", loss_fn=item_mean_loss)
     for n, p in model.named_parameters():
         p.requires_grad_(not n.startswith("model.vision_tower"))
     # Stage 1b, grounding: every digit of a grounded caption is one lookup of the named object's
