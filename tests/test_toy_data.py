@@ -231,3 +231,8 @@ def test_demo_summary_says_whether_spatial_and_vsr_clear_the_bar_and_the_drift(t
     main(["demo-summary", str(tmp_path)])
     out = capsys.readouterr().out
     assert "VSR 0.860: both clear 0.85" in out and "at most 3.10x (layer 1): above 2x" in out
+    assert "FVU" not in out
+    pd.DataFrame({"layer": [0, 0, 1, 1], "regime": ["base", "base", "base", "full"], "modality": ["text", "image", "text", "text"],
+                  "fvu": [0.31, 0.9, 0.52, 0.99]}).to_parquet(tmp_path / "sae_fvu.parquet")
+    main(["demo-summary", str(tmp_path)])
+    assert "held-out FVU at most 0.520 (layer 1): above 0.5" in capsys.readouterr().out
