@@ -6,7 +6,7 @@ instruction tuning, on the val split:
 
 - ``lookup``: grounded captions ("The red circle 1 2."), teacher-forced: the share of row and
   column digits predicted right, i.e. how often the LM finds the named object's patch;
-- ``spatial``, ``vsr``, ``general``: greedy answers, as the workflow's accuracy table;
+- ``spatial``, ``vsr``, ``general``, ``ocr``: greedy answers, as the workflow's accuracy table;
 - ``drift``: the largest residual-norm ratio VLM / base LM over layers on ``toy.drift_lines`` corpus lines.
 
 Layouts: ``image_first`` is the config's prompts ("<image> {question}", LLaVA's usual order);
@@ -113,7 +113,7 @@ def main() -> None:
     with ProcessPoolExecutor(len(runs)) as pool:
         futures = [pool.submit(run, lay, te, a.config, a.root, base_lm, a.steps, a.every) for lay, te in runs]
         results = [f.result() for f in futures]
-    metrics = ["lookup", "spatial", "vsr", "general", "drift"]
+    metrics = ["lookup", "spatial", "vsr", "general", "ocr", "drift"]
     names = [r[0]["run"] for r in results]
     table = pd.DataFrame([x for r in results for x in r]).pivot(index=["stage", "step"], columns="run", values=metrics)
     print(table.swaplevel(axis=1)[[(n, m) for n in names for m in metrics]].round(3).to_string())
