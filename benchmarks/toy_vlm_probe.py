@@ -35,7 +35,8 @@ from stagediff.config import validate
 from stagediff.data.items import Item, vqa_items, vsr_items
 from stagediff.evaluate_vlm import accuracy_table, predict
 from stagediff.io import read_json
-from stagediff.models.drift import corpus_lines, drift_table
+from stagediff.models.drift import drift_table
+from stagediff.models.toy_lm import corpus_lines
 from stagediff.models.toy_vlm import caption_items, train_toy_vlm
 from stagediff.models.vlm import chat_prompt, encode_batch, load_image
 
@@ -81,7 +82,8 @@ def run(layout: str, text_every: int | None, config: str, root: str, base_lm: st
     tokenizer = AutoTokenizer.from_pretrained(base_lm)
     base = LlamaForCausalLM.from_pretrained(base_lm, use_safetensors=True).eval()
     corpus = Path(root) / "data" / "corpus.txt"
-    lines = corpus_lines(corpus, cfg["toy"]["drift_lines"])
+    lines = corpus_lines(corpus, cfg["toy"]["drift_lines"])  # the drift's; the VLM trains on the rest
+    text = corpus_lines(corpus, cfg["toy"]["drift_lines"], rest=True)
     rows = []
 
     def probe(model, processor, stage: str, step: int) -> None:
@@ -93,7 +95,7 @@ def run(layout: str, text_every: int | None, config: str, root: str, base_lm: st
         print(rows[-1], flush=True)
 
     train_toy_vlm(base_lm, data, prompts, None, vlm, cfg["toy"]["data"]["image_size"], cfg["seed"],
-                  text=corpus_lines(corpus, cfg["toy"]["drift_lines"], rest=True), probe=probe, probe_every=every)
+                  text=text, probe=probe, probe_every=every)
     return rows
 
 

@@ -86,8 +86,7 @@ def tiny_world(tmp_path_factory):
     """Tiny data, base LM and (untrained-length) VLM made by the same functions the rules call."""
     from stagediff import config as sdc
     from stagediff.data.toy_world import generate_toy_world
-    from stagediff.models.drift import corpus_lines
-    from stagediff.models.toy_lm import train_base_lm
+    from stagediff.models.toy_lm import corpus_lines, train_base_lm
     from stagediff.models.toy_vlm import train_toy_vlm
 
     root = tmp_path_factory.mktemp("world")

@@ -38,7 +38,7 @@ def test_text_only_batches_train_the_lm_and_leave_the_projector(tiny_world):
     lines are the corpus minus the drift table's."""
     import copy
 
-    from stagediff.models.drift import corpus_lines
+    from stagediff.models.toy_lm import corpus_lines
     from stagediff.models.toy_vlm import train_toy_vlm
 
     cfg = tiny_world

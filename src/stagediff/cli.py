@@ -91,7 +91,7 @@ def cmd_toy_base_sae(a) -> None:
 
 
 def cmd_toy_vlm(a) -> None:
-    from stagediff.models.drift import corpus_lines
+    from stagediff.models.toy_lm import corpus_lines
     from stagediff.models.toy_vlm import train_toy_vlm
 
     p = _params(a.params)
@@ -101,7 +101,8 @@ def cmd_toy_vlm(a) -> None:
 
 def cmd_toy_drift(a) -> None:
     from stagediff.io import write_parquet
-    from stagediff.models.drift import corpus_lines, lm_drift
+    from stagediff.models.drift import lm_drift
+    from stagediff.models.toy_lm import corpus_lines
 
     write_parquet(lm_drift(a.base_lm, a.vlm, corpus_lines(a.corpus, a.lines), a.layers), a.out)
 

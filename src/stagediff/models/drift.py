@@ -18,13 +18,6 @@ from stagediff.capture import capture_residuals
 from stagediff.models.vlm import load_vlm
 
 
-def corpus_lines(corpus: str | Path, n: int, rest: bool = False) -> list[str]:
-    """The first ``n`` non-empty lines of the text-only corpus (``toy.drift_lines``), or with
-    ``rest`` all the others (the toy VLM's text-only training lines, kept apart from them)."""
-    lines = [x for x in Path(corpus).read_text().splitlines() if x.strip()]
-    return lines[n:] if rest else lines[:n]
-
-
 def lm_drift(base_lm: str | Path, vlm: str | Path, lines: list[str], layers: list[int]) -> pd.DataFrame:
     tokenizer = AutoTokenizer.from_pretrained(base_lm)
     base = LlamaForCausalLM.from_pretrained(base_lm, use_safetensors=True).eval()

@@ -51,6 +51,14 @@ def build_lm(cfg: dict, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
+def corpus_lines(corpus: str | Path, n: int | None = None, rest: bool = False) -> list[str]:
+    """The text-only corpus's non-empty lines: all of them, the first ``n`` (``toy.drift_lines``,
+    ``toy.base_sae.max_lines``), or with ``rest`` all after the first ``n`` (the toy VLM's
+    text-only training lines, kept apart from the drift table's)."""
+    lines = [x for x in Path(corpus).read_text().splitlines() if x.strip()]
+    return lines[n:] if rest else lines[:n]
+
+
 def encode_lines(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> list[list[int]]:
     """Token ids of each line, BOS + line + EOS: the base LM's training text."""
     return [[tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"]
@@ -69,7 +77,7 @@ def lm_batch(enc: list[list[int]], idx: list[int], pad_id: int) -> dict:
 def train_base_lm(corpus: str | Path, out: str | Path, cfg: dict, seed: int) -> None:
     """Build the tokenizer on the corpus and train the LM on it (next-token loss, text only)."""
     seed_everything(seed)
-    texts = [t for t in Path(corpus).read_text().splitlines() if t.strip()]
+    texts = corpus_lines(corpus)
     tokenizer = build_tokenizer(texts + list(cfg.get("extra_texts", [])))
     model = build_lm(cfg, tokenizer)
     enc = encode_lines(tokenizer, texts)

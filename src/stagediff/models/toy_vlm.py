@@ -194,6 +194,9 @@ def train_toy_vlm(base_lm: str | Path, data: dict, prompts: dict, out: str | Pat
     ``probe(model, processor, stage, step)`` is called along grounding and instruction tuning
     (every ``probe_every`` steps); ``out=None`` writes nothing (``benchmarks/toy_vlm_probe.py``).
     """
+    every = cfg["text_every"]
+    if every and not text:
+        raise ValueError("toy.vlm.text_every is set but no text-only lines were given")
     seed_everything(seed)
     model, processor = build_vlm(base_lm, cfg, image_size)
     captions = []  # encoded only when a stage reads them
@@ -206,9 +209,6 @@ def train_toy_vlm(base_lm: str | Path, data: dict, prompts: dict, out: str | Pat
     log.info("visual instruction tuning on %d items", len(mix))
     gen = torch.Generator().manual_seed(seed)
     pad = processor.tokenizer.pad_token_id
-    every = cfg["text_every"]
-    if every and not text:
-        raise ValueError("toy.vlm.text_every is set but no text-only lines were given")
     lines = encode_lines(processor.tokenizer, list(text)) if every else []
 
     def sampler(pool: list[dict], with_text: bool = True):

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from stagediff.capture import capture_residuals
 from stagediff.io import atomic_dir
+from stagediff.models.toy_lm import corpus_lines
 from stagediff.sae.llama_scope import jump_relu_threshold, save_llama_scope
 from stagediff.sae.topk import TopKSAE
 from stagediff.seed import seed_everything
@@ -27,7 +28,7 @@ def text_residuals(base_lm: str | Path, corpus: str | Path, layer: int, max_line
     """Layer-``layer`` residuals of the base LM on its text corpus, BOS and padding dropped."""
     tok = AutoTokenizer.from_pretrained(base_lm)
     model = LlamaForCausalLM.from_pretrained(base_lm, use_safetensors=True).eval()
-    lines = [t for t in Path(corpus).read_text().splitlines() if t.strip()][:max_lines]
+    lines = corpus_lines(corpus, max_lines)
     out = []
     for i in range(0, len(lines), batch_size):
         b = tok([tok.bos_token + t for t in lines[i : i + batch_size]], return_tensors="pt",
