@@ -51,14 +51,15 @@ def cells(data: dict, split: str) -> dict[int, dict[str, tuple[int, int]]]:
 
 @torch.no_grad()
 def features(model, processor, cfg: dict, split: str, n: int, layers: list[int],
-             batch_size: int = 64) -> tuple[dict, dict]:
-    """Residuals ``{(layer, site): [n, d]}`` and targets ``{site: [n, 2]}`` (row, col)."""
+             batch_size: int = 64) -> tuple[dict, dict, list]:
+    """Residuals ``{(layer, site): [n, d]}``, targets ``{site: [n, 2]}`` (row, col) and, per
+    question, the (row, col) of every shape in its image."""
     data = cfg["data"]
     items = [it for it in vqa_items(data, split, cfg["prompts"], cfg["question_splits"]) if it.family == "spatial"][:n]
     where, tok = cells(data, split), processor.tokenizer
     x: dict = {}
     y: dict = {}
-    occupied = []  # per question, the (row, col) of every shape in its image
+    occupied = []
     for i in range(0, len(items), batch_size):
         part = items[i : i + batch_size]
         b = encode_batch(processor, [load_image(it.image_path) for it in part],
@@ -76,8 +77,7 @@ def features(model, processor, cfg: dict, split: str, n: int, layers: list[int],
                 y.setdefault(site, []).append(cell[obj])
                 for layer in layers:
                     x.setdefault((layer, site), []).append(res[layer][r, pos].float())
-    y["occupied"] = occupied
-    return {k: torch.stack(v) for k, v in x.items()}, {k: v if k == "occupied" else torch.tensor(v) for k, v in y.items()}
+    return {k: torch.stack(v) for k, v in x.items()}, {k: torch.tensor(v) for k, v in y.items()}, occupied
 
 
 def occupancy_guess(occupied: list[list[tuple[int, int]]], target: torch.Tensor, j: int) -> float:
@@ -91,19 +91,19 @@ def probe_accuracy(x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch
     """Held-out accuracy of a multinomial logistic regression (standardised inputs, L2, L-BFGS)."""
     mu, sd = x.mean(0), x.std(0) + 1e-6
     x, xv = (x - mu) / sd, (xv - mu) / sd
-    w = torch.zeros(x.shape[1] + 1, int(y.max()) + 1, requires_grad=True)
-    ones = torch.ones(len(x), 1)
-    opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+    w = torch.zeros(x.shape[1], int(y.max()) + 1, requires_grad=True)
+    b = torch.zeros(w.shape[1], requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(torch.cat([x, ones], 1) @ w, y) + 1e-3 * w[:-1].pow(2).sum()
+        loss = torch.nn.functional.cross_entropy(x @ w + b, y) + 1e-3 * w.pow(2).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
     with torch.no_grad():
-        return (torch.cat([xv, torch.ones(len(xv), 1)], 1) @ w).argmax(-1).eq(yv).float().mean().item()
+        return (xv @ w + b).argmax(-1).eq(yv).float().mean().item()
 
 
 def main() -> None:
@@ -128,7 +128,7 @@ def main() -> None:
     print(f"{a.vlm}: held-out probe accuracy, {len(held[1]['A'])} val questions (chance 0.25)")
     print(table.round(3).to_string())
     print("guess from the occupied cells alone: row %.3f, col %.3f" % tuple(
-        occupancy_guess(held[1]["occupied"], held[1]["A"][:, j], j) for j in (0, 1)))
+        occupancy_guess(held[2], held[1]["A"][:, j], j) for j in (0, 1)))
 
 
 if __name__ == "__main__":
