@@ -8,15 +8,23 @@ every ``--every`` steps, side by side:
 
 - ``question``: scene description + "Is the A <relation> the B?" -> yes/no (the whole task);
 - ``lookup``:   scene description + "the A ?" -> A's row digit (find a named object's position);
-- ``given``:    "Is the 1 2 <relation> the 0 3?" -> yes/no (the comparison, positions given).
+- ``given``:    "Is the 1 2 <relation> the 0 3?" -> yes/no (the comparison, positions given);
+- ``given_named``: "Is the red circle 1 2 <relation> the blue square 0 3?" -> yes/no (the same,
+  each position after its object's name, where the VLM's question has the name alone).
 
-    python benchmarks/toy_text_tasks.py [--steps 1500] [--tasks question lookup given]
+``--init base`` starts every task from the world's trained base LM instead of a fresh one, as
+the toy VLM starts from it; ``--init base_without_spatial`` from the base LM pretrained again (same
+config, seed and tokenizer) on its corpus without the spatial questions and VSR captions.
 
-Needs the toy base LM's tokenizer (``snakemake results/toy/world/base_lm``). 1 thread per task.
+    python benchmarks/toy_text_tasks.py [--steps 1500] [--tasks question lookup given given_named]
+                                        [--init fresh|base|base_without_spatial] [--lr LR]
+
+Needs the toy base LM (``snakemake results/toy/world/base_lm``). 1 thread per task.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 from pathlib import Path
 
@@ -24,11 +32,11 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from stagediff.data import toy_scenes as ts
 from stagediff.data.toy_world import _balanced_relation, _describe
-from stagediff.models.toy_lm import build_lm
+from stagediff.models.toy_lm import build_lm, corpus_lines, pretrain_lm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,12 +51,25 @@ def example(task: str, rng: np.random.Generator, d: dict) -> tuple[str, str]:
         return f"{_describe(objs)} the {a.name} ?", str(a.row)
     if task == "given":
         return f"Is the {a.row} {a.col} {ts.RELATION_PHRASES[rel]} the {b.row} {b.col}?", answer
+    if task == "given_named":
+        return (f"Is the {a.name} {a.row} {a.col} {ts.RELATION_PHRASES[rel]} the {b.name} {b.row} {b.col}?",
+                answer)
     raise ValueError(f"unknown task {task!r}")
 
 
-def curve(task: str, tok, cfg: dict, data: dict, steps: int, every: int, seed: int) -> dict[int, float]:
+def without_spatial(corpus: str, tok, cfg: dict, seed: int):
+    """The base LM's pretraining again, on its corpus without the spatial questions and VSR
+    captions (the lines whose answer it cannot learn from text), with the same tokenizer."""
+    lines = [x for x in corpus_lines(corpus)
+             if not any(f" {p} the " in x for p in ts.RELATION_PHRASES.values())]
+    return pretrain_lm(tok, lines, cfg, seed)
+
+
+def curve(task: str, tok, cfg: dict, data: dict, steps: int, every: int, seed: int,
+          init: LlamaForCausalLM | None = None) -> dict[int, float]:
+    """Val accuracy every ``every`` steps of a fresh LM of ``cfg``'s shape, or of a copy of ``init``."""
     torch.manual_seed(seed)
-    model = build_lm(cfg, tok)
+    model = copy.deepcopy(init) if init is not None else build_lm(cfg, tok)
 
     def enc(prompt: str, answer: str) -> tuple[list[int], list[int]]:
         return ([tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"],
@@ -91,16 +112,24 @@ def curve(task: str, tok, cfg: dict, data: dict, steps: int, every: int, seed: i
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=str(REPO / "config" / "config.yaml"))
-    ap.add_argument("--tokenizer", default="results/toy/world/base_lm")
-    ap.add_argument("--tasks", nargs="+", default=["question", "lookup", "given"])
+    ap.add_argument("--base-lm", default="results/toy/world/base_lm", help="its tokenizer, and the model for --init base")
+    ap.add_argument("--tasks", nargs="+", default=["question", "lookup", "given", "given_named"])
+    ap.add_argument("--corpus", default="results/toy/world/data/corpus.txt", help="for --init base_without_spatial")
+    ap.add_argument("--init", choices=["fresh", "base", "base_without_spatial"], default="fresh")
+    ap.add_argument("--lr", type=float, help="default: toy.base_lm.lr")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--every", type=int, default=250)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     torch.set_num_threads(1)
-    toy = yaml.safe_load(Path(a.config).read_text())["toy"]
-    tok = AutoTokenizer.from_pretrained(a.tokenizer)
-    table = pd.DataFrame({t: curve(t, tok, toy["base_lm"], toy["data"], a.steps, a.every, a.seed) for t in a.tasks})
+    config = yaml.safe_load(Path(a.config).read_text())
+    toy = config["toy"]
+    tok = AutoTokenizer.from_pretrained(a.base_lm)
+    init = {"fresh": lambda: None,
+            "base": lambda: LlamaForCausalLM.from_pretrained(a.base_lm, use_safetensors=True),
+            "base_without_spatial": lambda: without_spatial(a.corpus, tok, toy["base_lm"], config["seed"])}[a.init]()
+    cfg = toy["base_lm"] | ({"lr": a.lr} if a.lr else {})
+    table = pd.DataFrame({t: curve(t, tok, cfg, toy["data"], a.steps, a.every, a.seed, init) for t in a.tasks})
     table.index.name = "step"
     print(table.round(3).to_string())
 

@@ -74,11 +74,9 @@ def lm_batch(enc: list[list[int]], idx: list[int], pad_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": mask.long(), "labels": ids.masked_fill(~mask, -100)}
 
 
-def train_base_lm(corpus: str | Path, out: str | Path, cfg: dict, seed: int) -> None:
-    """Build the tokenizer on the corpus and train the LM on it (next-token loss, text only)."""
+def pretrain_lm(tokenizer: PreTrainedTokenizerFast, texts: list[str], cfg: dict, seed: int) -> LlamaForCausalLM:
+    """A new LM of ``cfg``'s shape trained on ``texts`` (next-token loss on every token)."""
     seed_everything(seed)
-    texts = corpus_lines(corpus)
-    tokenizer = build_tokenizer(texts + list(cfg.get("extra_texts", [])))
     model = build_lm(cfg, tokenizer)
     enc = encode_lines(tokenizer, texts)
     gen = torch.Generator().manual_seed(seed)
@@ -88,6 +86,14 @@ def train_base_lm(corpus: str | Path, out: str | Path, cfg: dict, seed: int) -> 
                         tokenizer.pad_token_id)
 
     train_loop(model, batch, steps=cfg["steps"], lr=cfg["lr"], name="base_lm")
+    return model
+
+
+def train_base_lm(corpus: str | Path, out: str | Path, cfg: dict, seed: int) -> None:
+    """Build the tokenizer on the corpus and train the LM on it (next-token loss, text only)."""
+    texts = corpus_lines(corpus)
+    tokenizer = build_tokenizer(texts + list(cfg.get("extra_texts", [])))
+    model = pretrain_lm(tokenizer, texts, cfg, seed)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
