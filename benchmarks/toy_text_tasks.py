@@ -35,6 +35,7 @@ import yaml
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from stagediff.data import toy_scenes as ts
+from stagediff.data.items import question_family
 from stagediff.data.toy_world import _balanced_relation, _describe
 from stagediff.models.toy_lm import build_lm, corpus_lines, pretrain_lm
 
@@ -57,11 +58,11 @@ def example(task: str, rng: np.random.Generator, d: dict) -> tuple[str, str]:
     raise ValueError(f"unknown task {task!r}")
 
 
-def without_spatial(corpus: str, tok, cfg: dict, seed: int):
+def without_spatial(corpus: str, tok, cfg: dict, seed: int, spatial: list[str]):
     """The base LM's pretraining again, on its corpus without the spatial questions and VSR
-    captions (the lines whose answer it cannot learn from text), with the same tokenizer."""
-    lines = [x for x in corpus_lines(corpus)
-             if not any(f" {p} the " in x for p in ts.RELATION_PHRASES.values())]
+    captions (the lines whose answer it cannot learn from text), with the same tokenizer.
+    ``spatial``: the config's ``question_splits.spatial`` keywords, the workflow's own test."""
+    lines = [x for x in corpus_lines(corpus) if question_family(x, {"spatial": spatial}) != "spatial"]
     return pretrain_lm(tok, lines, cfg, seed)
 
 
@@ -127,7 +128,8 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(a.base_lm)
     init = {"fresh": lambda: None,
             "base": lambda: LlamaForCausalLM.from_pretrained(a.base_lm, use_safetensors=True),
-            "base_without_spatial": lambda: without_spatial(a.corpus, tok, toy["base_lm"], config["seed"])}[a.init]()
+            "base_without_spatial": lambda: without_spatial(a.corpus, tok, toy["base_lm"], config["seed"],
+                                                            config["question_splits"]["spatial"])}[a.init]()
     cfg = toy["base_lm"] | ({"lr": a.lr} if a.lr else {})
     table = pd.DataFrame({t: curve(t, tok, cfg, toy["data"], a.steps, a.every, a.seed, init) for t in a.tasks})
     table.index.name = "step"
