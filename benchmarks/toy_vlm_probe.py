@@ -38,7 +38,7 @@ from stagediff.io import read_json
 from stagediff.models.drift import drift_table
 from stagediff.models.toy_lm import corpus_lines
 from stagediff.models.toy_vlm import caption_items, train_toy_vlm
-from stagediff.models.vlm import chat_prompt, encode_batch, load_image
+from toy_vlm_lookup import caption_lookup
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,19 +51,10 @@ def layout_prompts(prompts: dict, layout: str) -> dict:
     raise ValueError(f"unknown layout {layout!r}")
 
 
-@torch.no_grad()
-def lookup_accuracy(model, processor, captions: list[Item]) -> float:
-    """Teacher-forced digit accuracy on grounded captions (each digit is one object's row or column)."""
-    tok = processor.tokenizer
-    digits = torch.tensor(tok.convert_tokens_to_ids([str(i) for i in range(10)]))
-    b = encode_batch(processor, [load_image(it.image_path) for it in captions],
-                     [chat_prompt(processor, it.user_text, it.answer) for it in captions])
-    pred = model(**b).logits[:, :-1].argmax(-1)
-    target = b["input_ids"][:, 1:]
-    # only the answer's digits: positions after the generation prompt ("assistant :")
-    after = torch.cumsum(target == tok.convert_tokens_to_ids("assistant"), 1) > 0
-    hit = torch.isin(target, digits) & after
-    return ((pred == target) & hit).sum().item() / hit.sum().item()
+def _lookup(model, processor, captions: list[Item]) -> float:
+    """Teacher-forced digit accuracy on grounded captions: rows and columns together."""
+    r = caption_lookup(model, processor, captions)
+    return (r["row"] + r["col"]) / 2  # every object has one of each
 
 
 def run(layout: str, text_every: int | None, config: str, root: str, base_lm: str, steps: int | None,
@@ -90,7 +81,7 @@ def run(layout: str, text_every: int | None, config: str, root: str, base_lm: st
         acc = accuracy_table(items, predict(model, processor, items, 64, 3)).set_index("family")["accuracy"]
         drift = drift_table(base, model, tokenizer, lines, cfg["layers"])["norm_ratio"].max()
         rows.append({"run": run_name, "stage": stage.removeprefix("toy_vlm "), "step": step,
-                     "lookup": lookup_accuracy(model, processor, captions), **acc.to_dict(),
+                     "lookup": _lookup(model, processor, captions), **acc.to_dict(),
                      "drift": drift})
         print(rows[-1], flush=True)
 
