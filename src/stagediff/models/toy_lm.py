@@ -92,7 +92,7 @@ def pretrain_lm(tokenizer: PreTrainedTokenizerFast, texts: list[str], cfg: dict,
 def train_base_lm(corpus: str | Path, out: str | Path, cfg: dict, seed: int) -> None:
     """Build the tokenizer on the corpus and train the LM on it (next-token loss, text only)."""
     texts = corpus_lines(corpus)
-    tokenizer = build_tokenizer(texts + list(cfg.get("extra_texts", [])))
+    tokenizer = build_tokenizer(texts)
     model = pretrain_lm(tokenizer, texts, cfg, seed)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
