@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from statistics import fmean
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -62,8 +63,7 @@ def caption_lookup(model, processor, captions) -> dict:
             on_named.append(w[best, patch].item())
             others = [q for _, q in objects if q != patch]
             on_other.append(w[best, others].max().item() if others else 0.0)
-    mean = lambda x: sum(x) / len(x)  # noqa: E731
-    return {"row": mean(rows), "col": mean(cols), "on named": mean(on_named), "on other": mean(on_other)}
+    return {"row": fmean(rows), "col": fmean(cols), "on named": fmean(on_named), "on other": fmean(on_other)}
 
 
 def run(attn_lr: float, config: str, root: str, steps: int | None, seed: int, n_captions: int) -> dict:
